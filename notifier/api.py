@@ -1,0 +1,134 @@
+"""The HTTP edge: publishing, health, readiness, metrics and the demo page."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from notifier.auth import Principal, bearer
+from notifier.errors import AuthError, BrokerUnavailable, Forbidden
+from notifier.protocol import valid_topic
+from notifier.services import Services
+
+router = APIRouter()
+
+MAX_IDEMPOTENCY_KEY = 256
+
+_PUBLISH_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["topic", "data"],
+                "properties": {
+                    "topic": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"},
+                    "data": {"description": "any JSON value, null allowed"},
+                },
+            },
+            "example": {"topic": "news", "data": {"title": "hello"}},
+        }
+    },
+}
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def authenticate(request: Request) -> Principal:
+    """The principal of the request's bearer token; 401 with ``WWW-Authenticate`` otherwise."""
+    token = bearer(request.headers.get("authorization"))
+    try:
+        return _services(request).authority.verify(token)
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"body over {limit} bytes")
+    return bytes(body)
+
+
+def _parse_notification(body: bytes) -> tuple[str, bytes]:
+    """``(topic, data as JSON)`` of a publish body; 422 saying what is wrong otherwise."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(422, f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise HTTPException(422, "the body must be a JSON object with 'topic' and 'data'")
+    if "topic" not in obj or "data" not in obj:
+        raise HTTPException(422, "'topic' and 'data' are required ('data' may be null)")
+    topic = obj["topic"]
+    if not valid_topic(topic):
+        raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
+    return topic, orjson.dumps(obj["data"])
+
+
+@router.post(
+    "/v1/notifications",
+    status_code=202,
+    openapi_extra={"requestBody": _PUBLISH_BODY},
+    responses={
+        401: {"description": "no, invalid or expired token"},
+        403: {"description": "scope or topic not allowed"},
+        413: {"description": "body over NOTIFIER_MAX_MESSAGE_BYTES"},
+        422: {"description": "invalid JSON, missing topic or data, bad topic name"},
+        503: {"description": "broker unavailable; nothing accepted"},
+    },
+    summary="Publish a notification to every subscriber of a topic, on every instance",
+)
+async def publish(request: Request) -> JSONResponse:
+    services = _services(request)
+    principal = authenticate(request)
+    if "publish" not in principal.scopes:
+        raise HTTPException(403, "token lacks the 'publish' scope")
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY):
+        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    topic, data_json = _parse_notification(await _read_body(request, services.settings.max_message_bytes))
+    try:
+        principal.check_publish(topic)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    try:
+        accepted = await services.node.publish(principal, topic, data_json, key)
+    except BrokerUnavailable as exc:
+        raise HTTPException(503, f"broker unavailable, nothing accepted: {exc}") from None
+    return JSONResponse(accepted.as_json(), status_code=202)
+
+
+@router.get("/healthz", summary="200 while the process serves")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="200 when the broker is connected and the instance is not draining")
+async def readyz(request: Request) -> JSONResponse:
+    node = _services(request).node
+    body: dict[str, Any] = {"broker_connected": node.broker.connected, "draining": node.draining}
+    return JSONResponse(body, status_code=200 if node.ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics of this instance", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    m = _services(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/", include_in_schema=False)
+async def demo() -> HTMLResponse:
+    return HTMLResponse(resources.files("notifier").joinpath("static/index.html").read_text())

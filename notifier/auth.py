@@ -1,0 +1,116 @@
+"""Bearer tokens (JWT, HS256) -> :class:`Principal`, and what a principal may subscribe and publish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import jwt
+
+from notifier.errors import AuthError, Forbidden
+from notifier.protocol import BROADCAST, USER_PREFIX, user_topic, valid_topic
+
+ALGORITHM = "HS256"
+SUBSCRIBE = "subscribe"
+PUBLISH = "publish"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a token speaks for: user id, scopes, topic patterns (None: any topic), expiry."""
+
+    sub: str
+    scopes: frozenset[str]
+    topics: tuple[str, ...] | None
+    exp: int | None
+
+    @property
+    def own_topic(self) -> str:
+        return user_topic(self.sub)
+
+    def auto_topics(self) -> list[str]:
+        """The topics every connection of this principal is subscribed to, whatever its claim says."""
+        own = self.own_topic
+        return [BROADCAST, own] if valid_topic(own) else [BROADCAST]
+
+    def _claim_allows(self, topic: str) -> bool:
+        return self.topics is None or any(fnmatchcase(topic, p) for p in self.topics)
+
+    def may_subscribe(self, topic: str) -> bool:
+        if topic in (BROADCAST, self.own_topic):
+            return True
+        if topic.startswith(USER_PREFIX):
+            return False  # another user's personal topic, whatever the claim says
+        return self._claim_allows(topic)
+
+    def may_publish(self, topic: str) -> bool:
+        return PUBLISH in self.scopes and self._claim_allows(topic)
+
+    def check_subscribe(self, topics: list[str]) -> None:
+        if SUBSCRIBE not in self.scopes:
+            raise Forbidden("token lacks the 'subscribe' scope")
+        for topic in topics:
+            if not self.may_subscribe(topic):
+                raise Forbidden(f"not allowed to subscribe to {topic!r}")
+
+    def check_publish(self, topic: str) -> None:
+        if PUBLISH not in self.scopes:
+            raise Forbidden("token lacks the 'publish' scope")
+        if not self._claim_allows(topic):
+            raise Forbidden(f"not allowed to publish to {topic!r}")
+
+
+class TokenAuthority:
+    """Verifies and mints tokens with one HS256 secret."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def verify(self, token: str | None) -> Principal:
+        """The principal of a valid token; :class:`AuthError` saying why otherwise."""
+        if not token:
+            raise AuthError("missing bearer token")
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], options={"require": ["sub"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        return _principal(claims)
+
+    def mint(
+        self, sub: str, scopes: list[str], topics: list[str] | None = None, ttl: int | None = 3600
+    ) -> str:
+        claims: dict[str, object] = {"sub": sub, "scope": " ".join(scopes), "iat": int(time.time())}
+        if topics is not None:
+            claims["topics"] = topics
+        if ttl is not None:
+            claims["exp"] = int(time.time()) + ttl
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+
+def _principal(claims: dict[str, object]) -> Principal:
+    sub, scope, topics, exp = (claims.get(k) for k in ("sub", "scope", "topics", "exp"))
+    if not isinstance(sub, str) or not sub:
+        raise AuthError("invalid token: 'sub' must be a non-empty string")
+    if scope is not None and not isinstance(scope, str):
+        raise AuthError("invalid token: 'scope' must be a space-separated string")
+    if topics is not None and not (isinstance(topics, list) and all(isinstance(t, str) for t in topics)):
+        raise AuthError("invalid token: 'topics' must be a list of glob patterns")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
+        raise AuthError("invalid token: 'exp' must be a number")
+    return Principal(
+        sub=sub,
+        scopes=frozenset((scope or "").split()),
+        topics=tuple(topics) if topics is not None else None,
+        exp=int(exp) if exp is not None else None,
+    )
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if that is what it holds."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None

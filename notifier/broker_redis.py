@@ -1,0 +1,234 @@
+"""The Redis broker: ids and frames made atomically by a Lua script, fan-out through pub/sub.
+
+Two connections: a pool for publishing (short timeouts, no retries: a retried publish could
+deliver twice) and one pub/sub connection owned by a listener task. The listener keeps the
+link: on any failure it drops the connection, backs off, reconnects and resubscribes every
+topic this node holds, reporting each change of state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict, deque
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from notifier.broker import IDEMPOTENCY_TTL, OnNotification, OnState
+from notifier.errors import BrokerUnavailable
+from notifier.protocol import Accepted, Notification, notification_tail
+
+log = logging.getLogger("notifier.broker")
+
+PREFIX = "notifier:"
+SEQ_KEY = PREFIX + "seq"
+IDEMPOTENCY_PREFIX = PREFIX + "idem:"
+CHANNEL_PREFIX = PREFIX + "topic:"
+PROBE_CHANNEL = PREFIX + "probe"
+PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
+SUBSCRIBE_TIMEOUT = 3.0
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+# KEYS: sequence counter, topic channel, [idempotency key]
+# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic
+# Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}, publishing nothing.
+# The id is taken and the notification published in one atomic step, so ids follow publish order
+# across every node; the reliability work appends to the topic's history in this same step.
+PUBLISH_LUA = """
+if #KEYS == 3 then
+  local previous = redis.call('GET', KEYS[3])
+  if previous then return {previous, 1} end
+end
+local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
+local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
+redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[2] .. ' ' .. frame)
+local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
+if #KEYS == 3 then redis.call('SET', KEYS[3], answer, 'EX', ARGV[3]) end
+return {answer, 0}
+"""
+
+_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+class RedisBroker:
+    """Broker over one Redis server (``redis://`` or ``rediss://``)."""
+
+    def __init__(self, url: str) -> None:
+        self.connected = False
+        self._url = url
+        self._pub: Redis = Redis.from_url(
+            url, socket_timeout=PUBLISH_TIMEOUT, socket_connect_timeout=PUBLISH_TIMEOUT, retry=_no_retry()
+        )
+        # No socket_timeout on the pub/sub connection: an idle listener must not time out.
+        self._sub: Redis = Redis.from_url(
+            url, socket_connect_timeout=SUBSCRIBE_TIMEOUT, retry=_no_retry(), health_check_interval=0
+        )
+        self._script = self._pub.register_script(PUBLISH_LUA)
+        self._topics: set[str] = set()
+        self._pubsub: PubSub | None = None
+        self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._listener: asyncio.Task[None] | None = None
+        self._on_notification: OnNotification = lambda _n: None
+        self._on_state: OnState = lambda _c: None
+
+    async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
+        self._on_notification, self._on_state = on_notification, on_state
+        self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        self._set_connected(False)
+        await self._pub.aclose()
+        await self._sub.aclose()
+
+    async def publish(
+        self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
+    ) -> Accepted:
+        keys = [SEQ_KEY, CHANNEL_PREFIX + topic]
+        if idempotency_key is not None:
+            keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
+        args: list[Any] = [notification_tail(topic, data_json, ts), ts, IDEMPOTENCY_TTL, topic]
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                answer, repeated = await self._script(keys=keys, args=args)
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        id_, ts_, topic_ = answer.split(b" ", 2)
+        return Accepted(int(id_), topic_.decode(), int(ts_), repeated=bool(repeated))
+
+    async def subscribe(self, topic: str) -> None:
+        await self._command("subscribe", topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
+        if self.connected:
+            try:
+                await self._command("unsubscribe", topic)
+            except BrokerUnavailable:
+                pass  # the link is down: the next session does not resubscribe it anyway
+
+    async def _command(self, kind: str, topic: str) -> None:
+        """Send SUBSCRIBE / UNSUBSCRIBE and wait until the listener reads its confirmation."""
+        pubsub = self._pubsub
+        if not self.connected or pubsub is None:
+            raise BrokerUnavailable("redis: not connected")
+        channel = (CHANNEL_PREFIX + topic).encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[(kind, channel)].append(waiter)
+        if kind == "subscribe":
+            self._topics.add(topic)
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await getattr(pubsub, kind)(channel)
+                await waiter
+        except (*_REDIS_ERRORS, BrokerUnavailable) as exc:
+            if kind == "subscribe":
+                self._topics.discard(topic)
+            raise BrokerUnavailable(f"redis: {kind} failed: {exc or type(exc).__name__}") from None
+        finally:
+            waiters = self._waiters.get((kind, channel))
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+
+    # -- the listener -------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure ends the session; we go on
+                if self.connected:
+                    log.warning("redis pub/sub link lost: %s; reconnecting", exc or type(exc).__name__)
+                else:
+                    log.debug("redis pub/sub connect failed: %s", exc or type(exc).__name__)
+            finally:
+                self._end_session()
+            if self._was_connected:
+                backoff = BACKOFF_MIN
+            self._was_connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    _was_connected = False
+
+    async def _session(self) -> None:
+        pubsub = self._sub.pubsub()
+        self._pubsub = pubsub
+        wanted = {(CHANNEL_PREFIX + t).encode() for t in self._topics}
+        unconfirmed = wanted | {PROBE_CHANNEL.encode()}
+        await pubsub.subscribe(*unconfirmed)
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                self._deliver(message["channel"], message["data"])
+            elif kind in ("subscribe", "unsubscribe"):
+                channel = message["channel"]
+                if unconfirmed:
+                    unconfirmed.discard(channel)
+                    if not unconfirmed:
+                        await self._resync(pubsub, wanted)
+                        self._was_connected = True
+                        self._set_connected(True)
+                waiters = self._waiters.get((kind, channel))
+                if waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def _resync(self, pubsub: PubSub, subscribed: set[bytes]) -> None:
+        """Drop channels whose last local subscriber left while the session was being set up."""
+        stale = subscribed - {(CHANNEL_PREFIX + t).encode() for t in self._topics}
+        if stale:
+            await pubsub.unsubscribe(*stale)
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        if not channel.startswith(CHANNEL_PREFIX.encode()):
+            return  # the probe channel
+        topic = channel[len(CHANNEL_PREFIX) :].decode()
+        try:
+            notification = Notification.from_envelope(topic, data)
+        except ValueError:
+            log.error("dropping malformed broker message on %r", topic)
+            return
+        self._on_notification(notification)
+
+    def _end_session(self) -> None:
+        self._set_connected(False)
+        pubsub, self._pubsub = self._pubsub, None
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable("redis: link lost"))
+        self._waiters.clear()
+        if pubsub is not None:
+            # Close in the background: closing a dead socket must not delay the reconnect.
+            asyncio.get_running_loop().create_task(_quietly_close(pubsub))
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self._on_state(connected)
+
+
+async def _quietly_close(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception:  # noqa: BLE001 - the link is already gone
+        pass

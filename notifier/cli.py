@@ -1,0 +1,147 @@
+"""The ``notifier`` command: ``serve``, ``token``, ``publish``, ``subscribe``.
+
+Every failure is one clear line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from collections.abc import Sequence
+
+import orjson
+from pydantic import SecretStr
+
+from notifier.auth import PUBLISH, SUBSCRIBE, TokenAuthority
+from notifier.client import ClientError
+from notifier.settings import ConfigError, Settings, load_client_settings, load_settings
+
+DEV_SUB = "dev"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notifier", description="Real-time notification service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one instance")
+    serve.add_argument("--host", help="listen address (NOTIFIER_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (NOTIFIER_PORT)")
+
+    token = commands.add_parser("token", help="print a signed token (secret: NOTIFIER_JWT_SECRET)")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--scope", action="append", choices=[SUBSCRIBE, PUBLISH], default=[])
+    token.add_argument("--topic", action="append", help="glob pattern of allowed topics (repeatable)")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+
+    publish = commands.add_parser("publish", help="publish one notification")
+    publish.add_argument("topic")
+    publish.add_argument("data", help="the notification's data, as JSON")
+    publish.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
+    publish.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
+
+    subscribe = commands.add_parser("subscribe", help="print notifications as JSON lines")
+    subscribe.add_argument("topics", nargs="+", metavar="TOPIC")
+    subscribe.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
+    subscribe.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
+    subscribe.add_argument("--since", help="resume after this notification id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        if args.command == "publish":
+            return _publish(args)
+        return _subscribe(args)
+    except (ConfigError, ClientError) as exc:
+        print(f"notifier: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dev_secret(settings: Settings) -> Settings:
+    """With no secret configured: generate one, warn, and print a ready token and the demo URL."""
+    secret = secrets.token_urlsafe(32)
+    token = TokenAuthority(secret).mint(DEV_SUB, [SUBSCRIBE, PUBLISH], ttl=None)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    print(
+        "notifier: warning: NOTIFIER_JWT_SECRET is not set; using a generated secret "
+        "for development only (tokens die with this process)",
+        file=sys.stderr,
+    )
+    print(f"dev token: {token}\ndemo: http://{host}:{settings.port}/#token={token}", flush=True)
+    return settings.model_copy(update={"jwt_secret": SecretStr(secret)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from notifier.app import create_app
+
+    settings = load_settings(host=args.host, port=args.port)
+    if settings.jwt_secret is None:
+        settings = _dev_secret(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_message_bytes,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        proxy_headers=True,
+        log_level="info",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _token(args: argparse.Namespace) -> int:
+    if args.ttl <= 0:
+        raise ConfigError("--ttl: must be a positive number of seconds")
+    if not args.sub:
+        raise ConfigError("--sub: must not be empty")
+    secret = load_settings().secret
+    print(TokenAuthority(secret).mint(args.sub, args.scope, args.topic, args.ttl))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from notifier.client import publish
+
+    client = load_client_settings(url=args.url, token=args.token)
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"DATA_JSON: not valid JSON: {exc}") from None
+    answer = asyncio.run(publish(client.url, client.token, args.topic, data))
+    print(orjson.dumps(answer).decode())
+    return 0
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    from notifier.client import subscribe
+    from notifier.protocol import parse_since, valid_topic
+
+    client = load_client_settings(url=args.url, token=args.token)
+    for topic in args.topics:
+        if not valid_topic(topic):
+            raise ConfigError(f"TOPIC: invalid topic name {topic!r}")
+    try:
+        parse_since(args.since)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+
+    async def run() -> None:
+        async for frame in subscribe(client.url, client.token, args.topics, args.since):
+            sys.stdout.write(orjson.dumps(frame).decode() + "\n")
+            sys.stdout.flush()
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,134 @@
+"""This node's roster: :class:`Connection` (a bounded outbound queue) and :class:`Hub` (topic -> connections).
+
+No I/O and no ``await`` on the fan-out path: :meth:`Hub.broadcast` appends one shared frame
+string to each subscriber's queue and wakes its writer, so a slow socket delays nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from notifier.auth import Principal
+from notifier.errors import CloseCode
+from notifier.protocol import Notification
+
+_session_ids = itertools.count(1)
+
+
+class Connection:
+    """One client socket as the hub sees it.
+
+    Outbound frames wait in ``queue`` as ``(text, size, ts)`` (``ts`` 0 for replies) until the
+    socket's writer takes them. When more than ``max_pending`` bytes are pending the
+    connection is doomed: its queue is emptied, the notification frames in it are reported to
+    ``on_drop``, and the writer closes it with 1013.
+    """
+
+    __slots__ = (
+        "session",
+        "principal",
+        "topics",
+        "queue",
+        "pending",
+        "max_pending",
+        "wakeup",
+        "close_code",
+        "close_reason",
+        "on_drop",
+    )
+
+    def __init__(
+        self, principal: Principal, max_pending: int, on_drop: Callable[[int], None], session: str = ""
+    ) -> None:
+        self.session = session or f"s{next(_session_ids)}"
+        self.principal = principal
+        self.topics: set[str] = set()
+        self.queue: deque[tuple[str, int, int]] = deque()
+        self.pending = 0
+        self.max_pending = max_pending
+        self.wakeup = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.on_drop = on_drop
+
+    def push(self, text: str, size: int, ts: int = 0) -> None:
+        """Queue one frame (never blocks); overflow dooms the connection."""
+        if self.close_code is not None:
+            if ts:
+                self.on_drop(1)
+            return
+        self.pending += size
+        self.queue.append((text, size, ts))
+        if self.pending > self.max_pending:
+            self.close(CloseCode.TRY_AGAIN_LATER, "client too slow")
+            return
+        self.wakeup.set()
+
+    def push_first(self, text: str) -> None:
+        """Queue a frame ahead of everything already queued (the ``hello``)."""
+        size = len(text.encode())
+        self.pending += size
+        self.queue.appendleft((text, size, 0))
+        self.wakeup.set()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Ask the writer to close the socket; frames still queued are dropped (and counted)."""
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = code, reason
+        lost = sum(1 for _, _, ts in self.queue if ts)
+        self.queue.clear()
+        self.pending = 0
+        if lost:
+            self.on_drop(lost)
+        self.wakeup.set()
+
+    def take(self) -> list[tuple[str, int, int]]:
+        """Everything queued, oldest first, for the writer to send in one go."""
+        batch = list(self.queue)
+        self.queue.clear()
+        self.wakeup.clear()
+        return batch
+
+
+class Hub:
+    """The local roster: which connections hold which topic. Only the node mutates it."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, set[Connection]] = {}
+        self.connections: set[Connection] = set()
+
+    def add(self, conn: Connection, topic: str) -> None:
+        self._topics.setdefault(topic, set()).add(conn)
+        conn.topics.add(topic)
+
+    def remove(self, conn: Connection, topic: str) -> bool:
+        """Take ``conn`` off ``topic``; True when that left the topic with no local subscriber."""
+        conn.topics.discard(topic)
+        subscribers = self._topics.get(topic)
+        if subscribers is None:
+            return False
+        subscribers.discard(conn)
+        if subscribers:
+            return False
+        del self._topics[topic]
+        return True
+
+    def count(self, topic: str) -> int:
+        return len(self._topics.get(topic, ()))
+
+    def topics(self) -> Iterable[str]:
+        return list(self._topics)
+
+    def broadcast(self, notification: Notification) -> int:
+        """Hand the one frame of ``notification`` to every local subscriber; returns how many."""
+        subscribers = self._topics.get(notification.topic)
+        if not subscribers:
+            return 0
+        frame, size, ts = notification.frame, notification.size, notification.ts
+        for conn in subscribers:
+            conn.push(frame, size, ts)
+        return len(subscribers)

@@ -1,0 +1,119 @@
+"""The node: the only piece that knows both the hub (local connections) and the broker (the cluster).
+
+It takes a broker subscription when a topic gets its first local subscriber and releases it
+after the last one leaves, under a lock per topic, so two concurrent first subscribers both
+receive and a failed broker subscribe leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from notifier.auth import Principal
+from notifier.broker import Broker
+from notifier.errors import BrokerUnavailable
+from notifier.hub import Connection, Hub
+from notifier.metrics import Metrics
+from notifier.protocol import Accepted, Notification
+
+log = logging.getLogger("notifier.node")
+
+
+class Node:
+    """One running instance's core: subscribe with reference counting, publish, deliver."""
+
+    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+        self.broker = broker
+        self.hub = Hub()
+        self.metrics = metrics
+        self.draining = False
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def start(self) -> None:
+        self.metrics.broker_connected.set(0)
+        await self.broker.start(self._deliver, self._broker_state)
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.connected and not self.draining
+
+    def _deliver(self, notification: Notification) -> None:
+        self.hub.broadcast(notification)
+
+    def _broker_state(self, connected: bool) -> None:
+        self.metrics.broker_connected.set(1 if connected else 0)
+        log.info("broker %s", "connected" if connected else "disconnected")
+
+    # -- connections ------------------------------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        self.hub.connections.add(conn)
+        self.metrics.connections.set(len(self.hub.connections))
+
+    async def detach(self, conn: Connection) -> None:
+        """Forget a closed connection: leave its topics, free its slot."""
+        try:
+            await self.unsubscribe(conn, list(conn.topics))
+        finally:
+            self.hub.connections.discard(conn)
+            self.metrics.connections.set(len(self.hub.connections))
+
+    async def subscribe(self, conn: Connection, topics: list[str]) -> None:
+        """Subscribe ``conn`` to ``topics``; returns once each is active cluster-wide.
+
+        Raises :class:`BrokerUnavailable`; topics subscribed before the failure stay subscribed.
+        """
+        for topic in topics:
+            if topic in conn.topics:
+                continue
+            async with self._topic_lock(topic):
+                if self.hub.count(topic) == 0:
+                    await self.broker.subscribe(topic)
+                self.hub.add(conn, topic)
+
+    async def unsubscribe(self, conn: Connection, topics: list[str]) -> None:
+        for topic in topics:
+            if topic not in conn.topics:
+                continue
+            async with self._topic_lock(topic):
+                if self.hub.remove(conn, topic):
+                    try:
+                        await self.broker.unsubscribe(topic)
+                    except BrokerUnavailable as exc:
+                        log.warning("broker unsubscribe of %r failed: %s", topic, exc)
+
+    @asynccontextmanager
+    async def _topic_lock(self, topic: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(topic) or (asyncio.Lock(), 0)
+        self._locks[topic] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[topic]
+            if users == 1:
+                del self._locks[topic]
+            else:
+                self._locks[topic] = (lock, users - 1)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(
+        self, principal: Principal, topic: str, data_json: bytes, idempotency_key: str | None = None
+    ) -> Accepted:
+        """Publish across the cluster (the caller checked permissions); BrokerUnavailable on failure."""
+        key = None
+        if idempotency_key is not None:
+            key = hashlib.sha256(f"{principal.sub}\0{idempotency_key}".encode()).hexdigest()
+        accepted = await self.broker.publish(topic, data_json, int(time.time() * 1000), key)
+        if not accepted.repeated:
+            self.metrics.published.inc()
+        return accepted

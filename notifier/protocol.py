@@ -1,0 +1,135 @@
+"""Wire formats: client frames in, server frames out, and the broker envelope. orjson only here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+BROADCAST = "broadcast"
+USER_PREFIX = "user:"
+
+# A notification frame is built once per notification from these pieces (the Redis broker
+# concatenates them inside its Lua script, where the id is assigned) and then handed, as the
+# very same string, to every subscriber.
+NOTIFICATION_HEAD = '{"type":"notification","id":"'
+
+Json = Any
+
+
+class BadFrame(ValueError):
+    """A client frame that is not valid JSON, not an object, or of an unknown shape."""
+
+
+def valid_topic(topic: object) -> bool:
+    return isinstance(topic, str) and TOPIC_RE.match(topic) is not None
+
+
+def user_topic(sub: str) -> str:
+    return USER_PREFIX + sub
+
+
+def dumps(obj: Json) -> str:
+    """Encode a server frame (or any JSON value) to text."""
+    return orjson.dumps(obj).decode()
+
+
+def loads(raw: str | bytes) -> Json:
+    """Decode JSON; :class:`BadFrame` on anything that is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadFrame(f"invalid JSON: {exc}") from None
+
+
+def notification_tail(topic: str, data_json: bytes, ts: int) -> str:
+    """Everything of a notification frame after its id: ``NOTIFICATION_HEAD + id + tail``."""
+    return '","topic":' + dumps(topic) + ',"data":' + data_json.decode() + ',"ts":' + str(ts) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One published notification as it travels from the broker to the hub: the frame is final."""
+
+    topic: str
+    id: int
+    ts: int
+    frame: str
+    size: int  # the frame's length in UTF-8 bytes
+
+    def envelope(self) -> bytes:
+        """The broker message: ``"<id> <ts> <frame>"``, so a node never parses the frame."""
+        return f"{self.id} {self.ts} {self.frame}".encode()
+
+    @classmethod
+    def from_envelope(cls, topic: str, raw: bytes) -> Notification:
+        id_, ts, frame = raw.split(b" ", 2)
+        return cls(topic, int(id_), int(ts), frame.decode(), len(frame))
+
+    @classmethod
+    def build(cls, id_: int, topic: str, data_json: bytes, ts: int) -> Notification:
+        frame = NOTIFICATION_HEAD + str(id_) + notification_tail(topic, data_json, ts)
+        return cls(topic, id_, ts, frame, len(frame.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The answer to a publish: the id and acceptance time the broker assigned."""
+
+    id: int
+    topic: str
+    ts: int
+    repeated: bool = False  # the first answer again, for a repeated idempotency key
+
+    def as_json(self) -> dict[str, Json]:
+        return {"id": str(self.id), "topic": self.topic, "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFrame:
+    """A decoded client frame: its type, its fields, and the ``ref`` to echo (if any)."""
+
+    type: str
+    body: dict[str, Json]
+    ref: str | int | float | None
+
+    def reply(self, frame: dict[str, Json]) -> dict[str, Json]:
+        if self.ref is not None:
+            frame["ref"] = self.ref
+        return frame
+
+
+def parse_client_frame(raw: str) -> ClientFrame:
+    """Decode one client text frame; :class:`BadFrame` says what is wrong with it."""
+    obj = loads(raw)
+    if not isinstance(obj, dict):
+        raise BadFrame("a frame must be a JSON object")
+    ref = obj.get("ref")
+    if isinstance(ref, bool) or not isinstance(ref, str | int | float):
+        ref = None
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        return ClientFrame("", obj, ref)
+    return ClientFrame(kind, obj, ref)
+
+
+def topic_list(value: Json, field: str = "topics") -> list[str]:
+    """A list of valid, distinct topic names (order kept); :class:`BadFrame` otherwise."""
+    if not isinstance(value, list) or not value:
+        raise BadFrame(f"'{field}' must be a non-empty list of topic names")
+    for topic in value:
+        if not valid_topic(topic):
+            raise BadFrame(f"invalid topic name: {str(topic)[:140]!r}")
+    return list(dict.fromkeys(value))
+
+
+def parse_since(value: str | None) -> int | None:
+    """A notification id given by a client: a string of decimal digits; ValueError otherwise."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 20:
+        raise ValueError(f"not a notification id: {value[:40]!r}")
+    return int(value)

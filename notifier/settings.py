@@ -1,0 +1,89 @@
+"""Configuration: the only module that reads the environment (prefix ``NOTIFIER_``, ``.env`` honoured)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "NOTIFIER_"
+BROKER_SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot run; ``str()`` is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Everything an instance needs to run; built by :func:`load_settings`, never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    broker_url: str = "memory://"
+    jwt_secret: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_connections: int = Field(10000, ge=1)
+    max_message_bytes: int = Field(65536, ge=64)
+    history_size: int = Field(1000, ge=0)
+    send_queue_bytes: int = Field(1048576, ge=1024)
+    shutdown_timeout: float = Field(10, gt=0)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(BROKER_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(BROKER_SCHEMES)}")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _non_empty_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty (unset it to get a generated development secret)")
+        return value
+
+    @property
+    def secret(self) -> str:
+        """The HS256 secret; :class:`ConfigError` when none is configured."""
+        if self.jwt_secret is None:
+            raise ConfigError(f"{ENV_PREFIX}JWT_SECRET: not set")
+        return self.jwt_secret.get_secret_value()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and ``.env``), overrides winning.
+
+    Raises :class:`ConfigError` with one line naming the first bad variable.
+    """
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming the variable of the first error and saying what is wrong with it."""
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    shown = "" if given is None or field == "jwt_secret" else f" (got {given!r})"
+    return f"{ENV_PREFIX}{field.upper()}: {message}{shown}"
+
+
+class ClientSettings(BaseSettings):
+    """What the command-line client reads: ``NOTIFIER_URL`` and ``NOTIFIER_TOKEN``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    url: str = "http://127.0.0.1:8000"
+    token: str | None = None
+
+
+def load_client_settings(**overrides: Any) -> ClientSettings:
+    try:
+        return ClientSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None

@@ -1,0 +1,310 @@
+"""The WebSocket edge, ``/v1/ws``: handshake, the reader (client frames) and the writer (queue -> socket).
+
+Every outbound frame, replies included, goes through the connection's queue and only the
+writer task sends, so frames keep their order and a slow socket holds up nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+
+from notifier.auth import SUBSCRIBE, Principal, bearer
+from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden
+from notifier.hub import Connection
+from notifier.protocol import (
+    BadFrame,
+    ClientFrame,
+    dumps,
+    parse_client_frame,
+    parse_since,
+    topic_list,
+    valid_topic,
+)
+from notifier.services import Services
+
+log = logging.getLogger("notifier.ws")
+router = APIRouter()
+
+RATE_PER_SECOND = 100.0
+RATE_BURST = 200.0
+EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
+
+
+class Handshake(Exception):
+    """Refuse the handshake with this HTTP status (no connection is opened)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    try:
+        principal, topics, since = _authorize(services, websocket)
+        conn = await _open(services, principal, topics)
+    except Handshake as refusal:
+        await _deny(services, websocket, refusal)
+        return
+    session = Session(services, websocket, conn)
+    try:
+        await websocket.accept()
+        hello: dict[str, Any] = {
+            "type": "hello",
+            "session": conn.session,
+            "user": principal.sub,
+            "topics": sorted(conn.topics),
+        }
+        if since is not None:
+            hello["recovered"] = False  # history and recovery are not implemented yet
+        conn.push_first(dumps(hello))
+        await session.run()
+    finally:
+        await services.node.detach(conn)
+
+
+def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
+    params = websocket.query_params
+    token = params.get("token") or bearer(websocket.headers.get("authorization"))
+    try:
+        principal = services.authority.verify(token)
+        raw = params.get("topics")
+        topics = topic_list(raw.split(",")) if raw else []
+        principal.check_subscribe(topics)
+        since = parse_since(params.get("since"))
+    except (AuthError, Forbidden, BadFrame, ValueError) as exc:
+        raise Handshake(403, str(exc)) from None
+    return principal, topics, since
+
+
+async def _open(services: Services, principal: Principal, topics: list[str]) -> Connection:
+    """Take a slot and subscribe the connection before accepting it, so ``hello`` is truthful."""
+    node, settings = services.node, services.settings
+    if node.draining:
+        raise Handshake(503, "instance is draining")
+    if len(node.hub.connections) >= settings.max_connections:
+        raise Handshake(503, "instance is at its connection limit")
+    conn = Connection(principal, settings.send_queue_bytes, services.metrics.dropped_slow.inc)
+    node.attach(conn)
+    try:
+        await node.subscribe(conn, list(dict.fromkeys(principal.auto_topics() + topics)))
+    except BrokerUnavailable as exc:
+        await node.detach(conn)
+        raise Handshake(503, f"broker unavailable: {exc}") from None
+    return conn
+
+
+async def _deny(services: Services, websocket: WebSocket, refusal: Handshake) -> None:
+    services.metrics.rejected_handshakes.labels(str(refusal.status)).inc()
+    response = JSONResponse({"detail": refusal.detail}, status_code=refusal.status)
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # a server without the denial extension: a close before accept is a 403
+        await websocket.close(code=CloseCode.POLICY_VIOLATION)
+
+
+class Session:
+    """One accepted socket: reads client frames, runs the writer, enforces limits and expiry."""
+
+    def __init__(self, services: Services, websocket: WebSocket, conn: Connection) -> None:
+        self.services = services
+        self.node = services.node
+        self.websocket = websocket
+        self.conn = conn
+        self.max_bytes = services.settings.max_message_bytes
+        self.tokens = RATE_BURST
+        self.refilled = time.monotonic()
+        self.expiry: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write(), name=f"notifier-writer-{self.conn.session}")
+        self._schedule_expiry()
+        try:
+            await self._read()
+        finally:
+            if self.expiry is not None:
+                self.expiry.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    # -- writer -----------------------------------------------------------------------------
+
+    async def _write(self) -> None:
+        conn, send = self.conn, self.websocket.send
+        metrics = self.services.metrics
+        try:
+            while True:
+                await conn.wakeup.wait()
+                batch = conn.take()
+                delivered = 0
+                for index, (text, size, ts) in enumerate(batch):
+                    if conn.close_code is not None:
+                        lost = sum(1 for _, _, t in batch[index:] if t)
+                        if lost:
+                            conn.on_drop(lost)
+                        break
+                    await send({"type": "websocket.send", "text": text})
+                    conn.pending -= size
+                    if ts:
+                        delivered += 1
+                        metrics.latency.observe(max(0.0, time.time() - ts / 1000))
+                if delivered:
+                    metrics.delivered.inc(delivered)
+                if conn.close_code is not None:
+                    await self.websocket.close(conn.close_code, conn.close_reason)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the peer went away mid-send; the reader sees it too
+            log.debug("writer of %s ended: %r", conn.session, exc)
+
+    # -- reader -----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        conn, websocket = self.conn, self.websocket
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if conn.close_code is not None:
+                continue  # closing: ignore whatever still arrives
+            text = message.get("text")
+            if text is None:
+                conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                continue
+            if len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
+                conn.close(CloseCode.MESSAGE_TOO_BIG, "frame too big")
+                continue
+            if not self._take_token():
+                self._error(None, ErrorCode.RATE_LIMITED, "more than 100 frames a second")
+                continue
+            try:
+                frame = parse_client_frame(text)
+            except BadFrame as exc:
+                self._error(None, ErrorCode.BAD_REQUEST, str(exc))
+                continue
+            await self._handle(frame)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_BURST, self.tokens + (now - self.refilled) * RATE_PER_SECOND)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    async def _handle(self, frame: ClientFrame) -> None:
+        handler = _HANDLERS.get(frame.type)
+        if handler is None:
+            self._error(frame, ErrorCode.BAD_REQUEST, f"unknown frame type: {frame.type[:40]!r}")
+            return
+        try:
+            await handler(self, frame)
+        except BadFrame as exc:
+            self._error(frame, ErrorCode.BAD_REQUEST, str(exc))
+        except (Forbidden, AuthError) as exc:
+            self._error(frame, ErrorCode.FORBIDDEN, str(exc))
+        except BrokerUnavailable as exc:
+            self._error(frame, ErrorCode.UNAVAILABLE, str(exc))
+
+    def _reply(self, frame: ClientFrame | None, body: dict[str, Any]) -> None:
+        text = dumps(frame.reply(body) if frame is not None else body)
+        self.conn.push(text, len(text.encode()))
+
+    def _error(self, frame: ClientFrame | None, code: str, message: str) -> None:
+        self._reply(frame, {"type": "error", "code": code, "message": message})
+
+    async def _subscribe(self, frame: ClientFrame) -> None:
+        topics = topic_list(frame.body.get("topics"))
+        self.conn.principal.check_subscribe(topics)
+        since = _frame_since(frame.body.get("since"))
+        await self.node.subscribe(self.conn, topics)
+        reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
+        if since is not None:
+            reply["recovered"] = False  # history and recovery are not implemented yet
+        self._reply(frame, reply)
+
+    async def _unsubscribe(self, frame: ClientFrame) -> None:
+        topics = topic_list(frame.body.get("topics"))
+        await self.node.unsubscribe(self.conn, topics)
+        self._reply(frame, {"type": "unsubscribed", "topics": topics})
+
+    async def _publish(self, frame: ClientFrame) -> None:
+        topic = frame.body.get("topic")
+        if not valid_topic(topic):
+            raise BadFrame("'topic' must be a topic name")
+        if "data" not in frame.body:
+            raise BadFrame("'data' is required (null allowed)")
+        principal = self.conn.principal
+        principal.check_publish(topic)
+        data_json = orjson.dumps(frame.body["data"])
+        accepted = await self.node.publish(principal, topic, data_json)
+        self._reply(frame, {"type": "published", **accepted.as_json()})
+
+    async def _ping(self, frame: ClientFrame) -> None:
+        self._reply(frame, {"type": "pong"})
+
+    async def _refresh(self, frame: ClientFrame) -> None:
+        token = frame.body.get("token")
+        if not isinstance(token, str):
+            raise BadFrame("'token' must be a string")
+        new = self.services.authority.verify(token)
+        old = self.conn.principal
+        if new.sub != old.sub:
+            raise Forbidden("the new token is for another user")
+        if new.exp is None or (old.exp is not None and new.exp <= old.exp):
+            raise Forbidden("the new token must expire later than the current one")
+        if SUBSCRIBE not in new.scopes:
+            raise Forbidden("token lacks the 'subscribe' scope")
+        self.conn.principal = new
+        self._schedule_expiry()
+        self._reply(frame, {"type": "refreshed", "expires_at": new.exp})
+
+    def _schedule_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        exp = self.conn.principal.exp
+        if exp is None:
+            return
+        delay = max(0.0, exp - time.time()) + EXPIRY_GRACE
+        self.expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        exp = self.conn.principal.exp
+        if exp is not None and time.time() < exp:
+            self._schedule_expiry()  # refreshed meanwhile, or the timer fired early
+            return
+        self.conn.close(CloseCode.POLICY_VIOLATION, "token expired")
+
+
+def _frame_since(value: object) -> int | None:
+    """``since`` of a subscribe frame: absent, a non-negative integer, or a string of digits."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        if isinstance(value, str):
+            return parse_since(value)
+    except ValueError:
+        pass
+    raise BadFrame("'since' must be a notification id")
+
+
+_HANDLERS = {
+    "subscribe": Session._subscribe,
+    "unsubscribe": Session._unsubscribe,
+    "publish": Session._publish,
+    "ping": Session._ping,
+    "refresh": Session._refresh,
+}
