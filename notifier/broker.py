@@ -17,6 +17,16 @@ OnState = Callable[[bool], None]
 IDEMPOTENCY_TTL = 300  # seconds a repeated Idempotency-Key gets the first answer again
 
 
+def first_id(ts_ms: int) -> int:
+    """Where a fresh id counter starts: above any id a counter started earlier can have reached.
+
+    Ids stay increasing across a broker restart that lost the counter (a Redis without
+    persistence, a restarted memory broker) unless more than 1,000 notifications a millisecond
+    were published on average since the older counter started.
+    """
+    return ts_ms * 1000
+
+
 class Broker(Protocol):
     """Moves notifications between the nodes sharing it.
 

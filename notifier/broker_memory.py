@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from notifier.broker import IDEMPOTENCY_TTL, OnNotification, OnState
+from notifier.broker import IDEMPOTENCY_TTL, OnNotification, OnState, first_id
 from notifier.protocol import Accepted, Notification
 
 
@@ -14,7 +14,7 @@ class MemoryBroker:
 
     def __init__(self) -> None:
         self.connected = False
-        self._seq = 0
+        self._seq = first_id(int(time.time() * 1000))
         self._topics: set[str] = set()
         self._answers: dict[str, tuple[float, Accepted]] = {}
         self._deliver: OnNotification = lambda _n: None

@@ -44,6 +44,10 @@ if #KEYS == 3 then
   local previous = redis.call('GET', KEYS[3])
   if previous then return {previous, 1} end
 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- A new (or wiped) Redis: start above every id an earlier counter can have handed out.
+  redis.call('SET', KEYS[1], string.format('%.0f', tonumber(ARGV[2]) * 1000))
+end
 local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
 local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
 redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[2] .. ' ' .. frame)
@@ -77,6 +81,7 @@ class RedisBroker:
         self._pubsub: PubSub | None = None
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
         self._listener: asyncio.Task[None] | None = None
+        self._was_connected = False
         self._on_notification: OnNotification = lambda _n: None
         self._on_state: OnState = lambda _c: None
 
@@ -151,23 +156,30 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure ends the session; we go on
-                if self.connected:
+                if self._was_connected:
                     log.warning("redis pub/sub link lost: %s; reconnecting", exc or type(exc).__name__)
                 else:
                     log.debug("redis pub/sub connect failed: %s", exc or type(exc).__name__)
-            finally:
-                self._end_session()
             if self._was_connected:
                 backoff = BACKOFF_MIN
             self._was_connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    _was_connected = False
-
     async def _session(self) -> None:
         pubsub = self._sub.pubsub()
         self._pubsub = pubsub
+        try:
+            await self._read(pubsub)
+        finally:
+            self._end_session()
+            try:
+                async with asyncio.timeout(1):
+                    await pubsub.aclose()
+            except Exception:  # noqa: BLE001 - the link is already gone
+                pass
+
+    async def _read(self, pubsub: PubSub) -> None:
         wanted = {(CHANNEL_PREFIX + t).encode() for t in self._topics}
         unconfirmed = wanted | {PROBE_CHANNEL.encode()}
         await pubsub.subscribe(*unconfirmed)
@@ -211,24 +223,14 @@ class RedisBroker:
 
     def _end_session(self) -> None:
         self._set_connected(False)
-        pubsub, self._pubsub = self._pubsub, None
+        self._pubsub = None
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(BrokerUnavailable("redis: link lost"))
         self._waiters.clear()
-        if pubsub is not None:
-            # Close in the background: closing a dead socket must not delay the reconnect.
-            asyncio.get_running_loop().create_task(_quietly_close(pubsub))
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
             self.connected = connected
             self._on_state(connected)
-
-
-async def _quietly_close(pubsub: PubSub) -> None:
-    try:
-        await pubsub.aclose()
-    except Exception:  # noqa: BLE001 - the link is already gone
-        pass

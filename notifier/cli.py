@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import secrets
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     from notifier.app import create_app
 
     settings = load_settings(host=args.host, port=args.port)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if settings.jwt_secret is None:
         settings = _dev_secret(settings)
     config = uvicorn.Config(
