@@ -11,12 +11,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from notifier.auth import Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, Forbidden
-from notifier.protocol import valid_topic
+from notifier.protocol import parse_since, positive_int, valid_topic
 from notifier.services import Services
 
 router = APIRouter()
 
 MAX_IDEMPOTENCY_KEY = 256
+MAX_HISTORY_LIMIT = 1000
 
 _PUBLISH_BODY = {
     "required": True,
@@ -109,6 +110,42 @@ async def publish(request: Request) -> JSONResponse:
     except BrokerUnavailable as exc:
         raise HTTPException(503, f"broker unavailable, nothing accepted: {exc}") from None
     return JSONResponse(accepted.as_json(), status_code=202)
+
+
+@router.get(
+    "/v1/topics/{topic}/notifications",
+    responses={
+        401: {"description": "no, invalid or expired token"},
+        403: {"description": "no subscribe scope, or topic not allowed"},
+        422: {"description": "bad topic name, malformed since or limit"},
+        503: {"description": "broker unavailable"},
+    },
+    summary="Retained notifications of a topic, oldest first",
+)
+async def topic_history(
+    request: Request, topic: str, since: str | None = None, limit: str = "100"
+) -> Response:
+    """The first ``limit`` retained with id > ``since``; without ``since``, the last ``limit`` retained."""
+    services = _services(request)
+    principal = authenticate(request)
+    if not valid_topic(topic):
+        raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
+    try:
+        after = parse_since(since)
+        count = min(positive_int(limit, "a positive integer"), MAX_HISTORY_LIMIT)
+    except ValueError as exc:
+        raise HTTPException(422, f"since and limit must be positive integers: {exc}") from None
+    try:
+        principal.check_subscribe([topic])
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    try:
+        history = await services.node.history(topic, after, count)
+    except BrokerUnavailable as exc:
+        raise HTTPException(503, f"broker unavailable: {exc}") from None
+    # The frames are final JSON already: join them rather than decode and encode again.
+    body = '{"notifications":[' + ",".join(n.frame for n in history.notifications) + "]}"
+    return Response(body, media_type="application/json")
 
 
 @router.get("/healthz", summary="200 while the process serves")

@@ -23,7 +23,9 @@ STATIC = Path(__file__).parent / "static"
 def create_app(settings: Settings, broker: Broker | None = None) -> FastAPI:
     """An instance's ASGI app; ``broker`` overrides the one ``settings.broker_url`` names (tests)."""
     metrics = Metrics()
-    node = Node(broker if broker is not None else create_broker(settings.broker_url), metrics)
+    node = Node(
+        broker if broker is not None else create_broker(settings.broker_url, settings.history_size), metrics
+    )
     services = Services(settings, TokenAuthority(settings.secret), node, metrics)
 
     @asynccontextmanager

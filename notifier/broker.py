@@ -7,6 +7,7 @@ implementation lives in a sibling module ``broker_<kind>.py`` imported lazily.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from notifier.protocol import Accepted, Notification
@@ -25,6 +26,14 @@ def first_id(ts_ms: int) -> int:
     were published on average since the older counter started.
     """
     return ts_ms * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Retained notifications of one topic, oldest first; ``complete`` when none after ``since`` was lost."""
+
+    notifications: list[Notification]
+    complete: bool
 
 
 class Broker(Protocol):
@@ -55,6 +64,12 @@ class Broker(Protocol):
     ) -> Accepted:
         """Publish ``data_json`` (encoded JSON) to ``topic``; a repeated key returns the first answer."""
 
+    async def history(self, topic: str, since: int | None, limit: int) -> History:
+        """Retained notifications of ``topic``: the first ``limit`` with id > ``since``, or without
+        ``since`` the last ``limit``; oldest first. ``complete`` is False when a notification
+        with id > ``since`` was trimmed away (or history is disabled). BrokerUnavailable on failure.
+        """
+
     async def subscribe(self, topic: str) -> None:
         """Start receiving ``topic`` on this node."""
 
@@ -62,14 +77,14 @@ class Broker(Protocol):
         """Stop receiving ``topic`` on this node."""
 
 
-def create_broker(url: str) -> Broker:
-    """The broker for ``url``'s scheme."""
+def create_broker(url: str, history_size: int = 1000) -> Broker:
+    """The broker for ``url``'s scheme, keeping the last ``history_size`` notifications per topic."""
     if url.startswith("memory://"):
         from notifier.broker_memory import MemoryBroker
 
-        return MemoryBroker()
+        return MemoryBroker(history_size)
     if url.startswith(("redis://", "rediss://")):
         from notifier.broker_redis import RedisBroker
 
-        return RedisBroker(url)
+        return RedisBroker(url, history_size)
     raise ValueError(f"unsupported broker URL: {url!r}")

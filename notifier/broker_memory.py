@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import replace
+from itertools import islice
 
-from notifier.broker import IDEMPOTENCY_TTL, OnNotification, OnState, first_id
+from notifier.broker import IDEMPOTENCY_TTL, History, OnNotification, OnState, first_id
 from notifier.protocol import Accepted, Notification
 
 
 class MemoryBroker:
-    """Delivers synchronously to this process's node; ids come from a plain counter."""
+    """Delivers synchronously to this process's node; ids from a counter, history in a ring per topic."""
 
-    def __init__(self) -> None:
+    def __init__(self, history_size: int = 1000) -> None:
         self.connected = False
         self._seq = first_id(int(time.time() * 1000))
+        self._history_size = history_size
+        self._history: dict[str, deque[Notification]] = {}
+        self._trimmed: dict[str, int] = {}  # topic -> highest id dropped from its history
         self._topics: set[str] = set()
         self._answers: dict[str, tuple[float, Accepted]] = {}
         self._deliver: OnNotification = lambda _n: None
@@ -39,9 +44,29 @@ class MemoryBroker:
         accepted = Accepted(notification.id, topic, ts)
         if idempotency_key is not None:
             self._answers[idempotency_key] = (time.monotonic() + IDEMPOTENCY_TTL, accepted)
+        self._retain(notification)
         if topic in self._topics:
             self._deliver(notification)
         return accepted
+
+    def _retain(self, notification: Notification) -> None:
+        if self._history_size == 0:
+            return
+        ring = self._history.get(notification.topic)
+        if ring is None:
+            ring = self._history[notification.topic] = deque(maxlen=self._history_size)
+        if len(ring) == ring.maxlen:
+            self._trimmed[notification.topic] = ring[0].id
+        ring.append(notification)
+
+    async def history(self, topic: str, since: int | None, limit: int) -> History:
+        ring = self._history.get(topic, ())
+        if since is None:
+            found = list(ring)[-limit:] if limit else []
+        else:
+            found = list(islice((n for n in ring if n.id > since), limit))
+        complete = self._history_size > 0 and (since is None or self._trimmed.get(topic, 0) <= since)
+        return History(found, complete)
 
     async def subscribe(self, topic: str) -> None:
         self._topics.add(topic)

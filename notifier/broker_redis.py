@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from notifier.broker import IDEMPOTENCY_TTL, OnNotification, OnState
+from notifier.broker import IDEMPOTENCY_TTL, History, OnNotification, OnState
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, Notification, notification_tail
 
@@ -29,19 +29,23 @@ PREFIX = "notifier:"
 SEQ_KEY = PREFIX + "seq"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 CHANNEL_PREFIX = PREFIX + "topic:"
+HISTORY_PREFIX = PREFIX + "history:"
+TRIMMED_PREFIX = PREFIX + "trimmed:"
 PROBE_CHANNEL = PREFIX + "probe"
 PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
 SUBSCRIBE_TIMEOUT = 3.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
-# KEYS: sequence counter, topic channel, [idempotency key]
-# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic
+# KEYS: sequence counter, topic channel, topic history stream, topic trim mark, [idempotency key]
+# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size
 # Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}, publishing nothing.
-# The id is taken and the notification published in one atomic step, so ids follow publish order
-# across every node; the reliability work appends to the topic's history in this same step.
+# Id, history and publication happen in one atomic step: ids follow publish order across every
+# node, and the id a subscriber sees live is the id history holds. The history stream keeps
+# exactly the last N entries (stream id "<id>-0"); the trim mark is the highest id trimmed
+# away, which is how a recovery knows whether anything after its `since` was lost.
 PUBLISH_LUA = """
-if #KEYS == 3 then
-  local previous = redis.call('GET', KEYS[3])
+if #KEYS == 5 then
+  local previous = redis.call('GET', KEYS[5])
   if previous then return {previous, 1} end
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -50,9 +54,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
 local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
-redis.call('PUBLISH', KEYS[2], id .. ' ' .. ARGV[2] .. ' ' .. frame)
+local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
+local size = tonumber(ARGV[5])
+if size > 0 then
+  local excess = redis.call('XLEN', KEYS[3]) + 1 - size
+  if excess > 0 then
+    local gone = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', excess)
+    redis.call('SET', KEYS[4], string.match(gone[#gone][1], '^(%d+)'))
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', size, id .. '-0', 'n', envelope)
+end
+redis.call('PUBLISH', KEYS[2], envelope)
 local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
-if #KEYS == 3 then redis.call('SET', KEYS[3], answer, 'EX', ARGV[3]) end
+if #KEYS == 5 then redis.call('SET', KEYS[5], answer, 'EX', ARGV[3]) end
 return {answer, 0}
 """
 
@@ -66,8 +80,9 @@ def _no_retry() -> Retry:
 class RedisBroker:
     """Broker over one Redis server (``redis://`` or ``rediss://``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, history_size: int = 1000) -> None:
         self.connected = False
+        self._history_size = history_size
         self._url = url
         self._pub: Redis = Redis.from_url(
             url, socket_timeout=PUBLISH_TIMEOUT, socket_connect_timeout=PUBLISH_TIMEOUT, retry=_no_retry()
@@ -100,10 +115,11 @@ class RedisBroker:
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
     ) -> Accepted:
-        keys = [SEQ_KEY, CHANNEL_PREFIX + topic]
+        keys = [SEQ_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
         if idempotency_key is not None:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
-        args: list[Any] = [notification_tail(topic, data_json, ts), ts, IDEMPOTENCY_TTL, topic]
+        tail = notification_tail(topic, data_json, ts)
+        args: list[Any] = [tail, ts, IDEMPOTENCY_TTL, topic, self._history_size]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 answer, repeated = await self._script(keys=keys, args=args)
@@ -111,6 +127,25 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
         id_, ts_, topic_ = answer.split(b" ", 2)
         return Accepted(int(id_), topic_.decode(), int(ts_), repeated=bool(repeated))
+
+    async def history(self, topic: str, since: int | None, limit: int) -> History:
+        key = HISTORY_PREFIX + topic
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                async with self._pub.pipeline(transaction=True) as pipe:
+                    if since is None:
+                        pipe.xrevrange(key, "+", "-", count=limit)
+                    else:
+                        pipe.xrange(key, f"{since + 1}-0", "+", count=limit)
+                    pipe.get(TRIMMED_PREFIX + topic)
+                    entries, trimmed = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        if since is None:
+            entries.reverse()
+        found = [Notification.from_envelope(topic, fields[b"n"]) for _id, fields in entries]
+        complete = self._history_size > 0 and (since is None or trimmed is None or int(trimmed) <= since)
+        return History(found, complete)
 
     async def subscribe(self, topic: str) -> None:
         await self._command("subscribe", topic)

@@ -95,37 +95,62 @@ class Connection:
 
 
 class Hub:
-    """The local roster: which connections hold which topic. Only the node mutates it."""
+    """The local roster: which connections hold which topic. Only the node mutates it.
+
+    A connection catching up on history is *held* on a topic: it counts as a subscriber (the
+    broker subscription stays) but live notifications are buffered for it instead of queued,
+    until the node has replayed history and releases it.
+    """
 
     def __init__(self) -> None:
         self._topics: dict[str, set[Connection]] = {}
+        self._held: dict[str, dict[Connection, list[Notification]]] = {}
         self.connections: set[Connection] = set()
 
     def add(self, conn: Connection, topic: str) -> None:
         self._topics.setdefault(topic, set()).add(conn)
         conn.topics.add(topic)
 
+    def hold(self, conn: Connection, topic: str) -> None:
+        self._held.setdefault(topic, {})[conn] = []
+        conn.topics.add(topic)
+
+    def release(self, conn: Connection, topic: str) -> list[Notification]:
+        """Turn a held subscription live; returns what was buffered meanwhile, oldest first."""
+        held = self._held.get(topic)
+        buffered = held.pop(conn, []) if held is not None else []
+        if held is not None and not held:
+            del self._held[topic]
+        if topic in conn.topics:
+            self.add(conn, topic)
+        return buffered
+
     def remove(self, conn: Connection, topic: str) -> bool:
         """Take ``conn`` off ``topic``; True when that left the topic with no local subscriber."""
         conn.topics.discard(topic)
+        held = self._held.get(topic)
+        if held is not None and held.pop(conn, None) is not None and not held:
+            del self._held[topic]
         subscribers = self._topics.get(topic)
-        if subscribers is None:
-            return False
-        subscribers.discard(conn)
-        if subscribers:
-            return False
-        del self._topics[topic]
-        return True
+        if subscribers is not None:
+            subscribers.discard(conn)
+            if not subscribers:
+                del self._topics[topic]
+        return self.count(topic) == 0
 
     def count(self, topic: str) -> int:
-        return len(self._topics.get(topic, ()))
+        return len(self._topics.get(topic, ())) + len(self._held.get(topic, ()))
 
     def topics(self) -> Iterable[str]:
-        return list(self._topics)
+        return list(self._topics.keys() | self._held.keys())
 
     def broadcast(self, notification: Notification) -> int:
         """Hand the one frame of ``notification`` to every local subscriber; returns how many."""
         subscribers = self._topics.get(notification.topic)
+        held = self._held.get(notification.topic)
+        if held:
+            for buffer in held.values():
+                buffer.append(notification)
         if not subscribers:
             return 0
         frame, size, ts = notification.frame, notification.size, notification.ts

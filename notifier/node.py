@@ -13,9 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from notifier.auth import Principal
-from notifier.broker import Broker
+from notifier.broker import Broker, History
 from notifier.errors import BrokerUnavailable
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
@@ -24,11 +25,22 @@ from notifier.protocol import Accepted, Notification
 log = logging.getLogger("notifier.node")
 
 
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """A recovery in progress: the topics held for it, the replay, and whether nothing was lost."""
+
+    topics: list[str]
+    since: int
+    replay: list[Notification]
+    recovered: bool
+
+
 class Node:
     """One running instance's core: subscribe with reference counting, publish, deliver."""
 
-    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics, history_size: int = 1000) -> None:
         self.broker = broker
+        self.history_size = history_size
         self.hub = Hub()
         self.metrics = metrics
         self.draining = False
@@ -78,6 +90,46 @@ class Node:
                 if self.hub.count(topic) == 0:
                     await self.broker.subscribe(topic)
                 self.hub.add(conn, topic)
+
+    async def catch_up(self, conn: Connection, topics: list[str], since: int) -> CatchUp:
+        """Subscribe ``conn`` to ``topics`` and read what it missed after ``since``.
+
+        Race-free against live traffic: each topic is subscribed (its live notifications
+        buffered, not sent) *before* its history is read, so everything published meanwhile
+        is in the history, the buffer, or both; :meth:`finish` merges them without gap or
+        duplicate. The caller sends its reply, then calls :meth:`finish` with no ``await``
+        between. Raises :class:`BrokerUnavailable`, leaving none of ``topics`` subscribed.
+        """
+        held: list[str] = []
+        try:
+            for topic in dict.fromkeys(topics):
+                if topic in conn.topics:
+                    continue
+                async with self._topic_lock(topic):
+                    if self.hub.count(topic) == 0:
+                        await self.broker.subscribe(topic)
+                    self.hub.hold(conn, topic)
+                held.append(topic)
+            limit = max(1, self.history_size)
+            histories = await asyncio.gather(*(self.broker.history(t, since, limit) for t in held))
+        except BaseException:
+            await self.unsubscribe(conn, held)
+            raise
+        replay = sorted((n for h in histories for n in h.notifications), key=lambda n: n.id)
+        return CatchUp(held, since, replay, all(h.complete for h in histories))
+
+    def finish(self, conn: Connection, catch_up: CatchUp) -> None:
+        """Queue the replay, then what arrived live meanwhile (minus duplicates), and go live."""
+        seen = {n.id for n in catch_up.replay}
+        for n in catch_up.replay:
+            conn.push(n.frame, n.size, n.ts)
+        for topic in catch_up.topics:
+            for n in self.hub.release(conn, topic):
+                if n.id > catch_up.since and n.id not in seen:
+                    conn.push(n.frame, n.size, n.ts)
+
+    async def history(self, topic: str, since: int | None, limit: int) -> History:
+        return await self.broker.history(topic, since, limit)
 
     async def unsubscribe(self, conn: Connection, topics: list[str]) -> None:
         for topic in topics:

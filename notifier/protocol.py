@@ -127,9 +127,13 @@ def topic_list(value: Json, field: str = "topics") -> list[str]:
 
 
 def parse_since(value: str | None) -> int | None:
-    """A notification id given by a client: a string of decimal digits; ValueError otherwise."""
+    """A notification id given by a client: a positive integer in decimal digits; ValueError otherwise."""
     if value is None:
         return None
-    if not value.isascii() or not value.isdigit() or len(value) > 20:
-        raise ValueError(f"not a notification id: {value[:40]!r}")
+    return positive_int(value, "a notification id")
+
+
+def positive_int(value: str, what: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 20 or int(value) < 1:
+        raise ValueError(f"not {what}: {value[:40]!r}")
     return int(value)

@@ -48,27 +48,35 @@ class Handshake(Exception):
 @router.websocket("/v1/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
+    node = services.node
     try:
         principal, topics, since = _authorize(services, websocket)
-        conn = await _open(services, principal, topics)
+        conn = _admit(services, principal)
     except Handshake as refusal:
         await _deny(services, websocket, refusal)
         return
-    session = Session(services, websocket, conn)
     try:
+        # Subscribe before accepting, so `hello` is only sent once every topic is active.
+        topics = list(dict.fromkeys(principal.auto_topics() + topics))
+        hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
+        try:
+            if since is None:
+                await node.subscribe(conn, topics)
+                catch_up = None
+            else:
+                catch_up = await node.catch_up(conn, topics, since)
+                hello["recovered"] = catch_up.recovered
+        except BrokerUnavailable as exc:
+            await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
+            return
         await websocket.accept()
-        hello: dict[str, Any] = {
-            "type": "hello",
-            "session": conn.session,
-            "user": principal.sub,
-            "topics": sorted(conn.topics),
-        }
-        if since is not None:
-            hello["recovered"] = False  # history and recovery are not implemented yet
+        hello["topics"] = sorted(conn.topics)
         conn.push_first(dumps(hello))
-        await session.run()
+        if catch_up is not None:
+            node.finish(conn, catch_up)
+        await Session(services, websocket, conn).run()
     finally:
-        await services.node.detach(conn)
+        await node.detach(conn)
 
 
 def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
@@ -85,8 +93,8 @@ def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, lis
     return principal, topics, since
 
 
-async def _open(services: Services, principal: Principal, topics: list[str]) -> Connection:
-    """Take a slot and subscribe the connection before accepting it, so ``hello`` is truthful."""
+def _admit(services: Services, principal: Principal) -> Connection:
+    """Take a connection slot, or refuse with 503."""
     node, settings = services.node, services.settings
     if node.draining:
         raise Handshake(503, "instance is draining")
@@ -94,11 +102,6 @@ async def _open(services: Services, principal: Principal, topics: list[str]) -> 
         raise Handshake(503, "instance is at its connection limit")
     conn = Connection(principal, settings.send_queue_bytes, services.metrics.dropped_slow.inc)
     node.attach(conn)
-    try:
-        await node.subscribe(conn, list(dict.fromkeys(principal.auto_topics() + topics)))
-    except BrokerUnavailable as exc:
-        await node.detach(conn)
-        raise Handshake(503, f"broker unavailable: {exc}") from None
     return conn
 
 
@@ -227,11 +230,15 @@ class Session:
         topics = topic_list(frame.body.get("topics"))
         self.conn.principal.check_subscribe(topics)
         since = _frame_since(frame.body.get("since"))
-        await self.node.subscribe(self.conn, topics)
         reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
-        if since is not None:
-            reply["recovered"] = False  # history and recovery are not implemented yet
+        if since is None:
+            await self.node.subscribe(self.conn, topics)
+            self._reply(frame, reply)
+            return
+        catch_up = await self.node.catch_up(self.conn, topics, since)
+        reply["recovered"] = catch_up.recovered
         self._reply(frame, reply)
+        self.node.finish(self.conn, catch_up)
 
     async def _unsubscribe(self, frame: ClientFrame) -> None:
         topics = topic_list(frame.body.get("topics"))
@@ -288,10 +295,10 @@ class Session:
 
 
 def _frame_since(value: object) -> int | None:
-    """``since`` of a subscribe frame: absent, a non-negative integer, or a string of digits."""
+    """``since`` of a subscribe frame: absent, a positive integer, or a string of its digits."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     try:
         if isinstance(value, str):
