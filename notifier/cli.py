@@ -85,13 +85,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from notifier.app import create_app
+    from notifier.server import DrainingServer
 
     settings = load_settings(host=args.host, port=args.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if settings.jwt_secret is None:
         settings = _dev_secret(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_message_bytes,
@@ -99,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
         log_level="info",
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.services.node, settings.shutdown_timeout)
     server.run()
     return 0 if server.started else 1
 

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 from notifier.auth import Principal
 from notifier.broker import Broker, History
-from notifier.errors import BrokerUnavailable
+from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
 from notifier.protocol import Accepted, Notification
 
 log = logging.getLogger("notifier.node")
+
+DRAIN_STEP = 0.1  # seconds between two batches of closes during a drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,24 @@ class Node:
                 del self._locks[topic]
             else:
                 self._locks[topic] = (lock, users - 1)
+
+    async def drain(self, window: float) -> None:
+        """Stop admitting, then close every socket with 1001 in paced batches within ``window``
+        seconds (so its clients do not all reconnect elsewhere in the same instant), and wait,
+        up to another ``window``, for them to be gone."""
+        self.draining = True
+        conns = list(self.hub.connections)
+        log.info("draining %d connections over up to %.1f s", len(conns), window)
+        steps = max(1, min(len(conns), int(window / DRAIN_STEP)))
+        batch = -(-len(conns) // steps)
+        for start in range(0, len(conns), batch):
+            if start:
+                await asyncio.sleep(DRAIN_STEP)
+            for conn in conns[start : start + batch]:
+                conn.close(CloseCode.GOING_AWAY, "instance shutting down")
+        deadline = time.monotonic() + window
+        while self.hub.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- publishing -------------------------------------------------------------------------
 

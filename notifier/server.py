@@ -1,0 +1,88 @@
+"""Running one instance under uvicorn, with a graceful drain on SIGTERM / SIGINT.
+
+uvicorn's own shutdown stops listening at once (so readiness probes and new handshakes get
+connection refused instead of 503), closes every socket in the same instant (a reconnect storm
+on the other instances) and re-raises the signal afterwards (exit status 143, not 0). The
+drain here, in named steps:
+
+1. turn draining on: ``/readyz`` answers 503, new handshakes get 503, the listener stays open;
+2. close the sockets with 1001 in paced batches over at most half of the shutdown timeout;
+3. hand over to uvicorn's shutdown for in-flight HTTP requests, with what is left of the
+   timeout; tasks still running then are cancelled;
+4. exit with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from notifier.node import Node
+
+log = logging.getLogger("notifier.server")
+
+_TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"]+")
+
+
+class RedactTokens(logging.Filter):
+    """Keep bearer tokens passed as ``?token=`` out of the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args
+            )
+        # uvicorn's websockets-sansio protocol logs this after every refused handshake, although
+        # the denial response (our 403 / 503) was sent; our endpoint never returns otherwise.
+        return record.msg != "ASGI callable returned without completing handshake."
+
+
+def install_log_filters() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(RedactTokens())
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM / SIGINT drains the node; a second one hurries it."""
+
+    def __init__(self, config: uvicorn.Config, node: Node, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.node = node
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        install_log_filters()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the signal handler: never record the signal (uvicorn would re-raise it after
+        # shutdown and the exit status would be 143), and only schedule work on the loop.
+        if self._loop is None or self._drain is not None or not self.started:
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_task(self._run_drain()) if self._loop else None
+        else:
+            self.should_exit = True
+
+    async def _run_drain(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.node.drain(self.shutdown_timeout / 2)
+        except Exception:  # noqa: BLE001 - a failed drain must still end in a shutdown
+            log.exception("drain failed; shutting down")
+        left = self.shutdown_timeout - (time.monotonic() - started)
+        self.config.timeout_graceful_shutdown = max(1, int(left))
+        self.should_exit = True
