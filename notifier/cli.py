@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from notifier.app import create_app
-    from notifier.server import DrainingServer
+    from notifier.server import DrainingServer, WebSocketProtocol
 
     settings = load_settings(host=args.host, port=args.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
@@ -96,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        ws=WebSocketProtocol,
         ws_max_size=settings.max_message_bytes,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         proxy_headers=True,

@@ -38,6 +38,7 @@ class Connection:
         "close_code",
         "close_reason",
         "on_drop",
+        "on_close",
     )
 
     def __init__(
@@ -53,6 +54,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_drop = on_drop
+        self.on_close: Callable[[], None] = lambda: None
 
     def push(self, text: str, size: int, ts: int = 0) -> None:
         """Queue one frame (never blocks); overflow dooms the connection."""
@@ -85,6 +87,7 @@ class Connection:
         if lost:
             self.on_drop(lost)
         self.wakeup.set()
+        self.on_close()
 
     def take(self) -> list[tuple[str, int, int]]:
         """Everything queued, oldest first, for the writer to send in one go."""
@@ -112,6 +115,12 @@ class Hub:
         conn.topics.add(topic)
 
     def hold(self, conn: Connection, topic: str) -> None:
+        """Buffer ``topic`` for ``conn`` from now on (moving it off live delivery if it was live)."""
+        subscribers = self._topics.get(topic)
+        if subscribers is not None and conn in subscribers:
+            subscribers.discard(conn)
+            if not subscribers:
+                del self._topics[topic]
         self._held.setdefault(topic, {})[conn] = []
         conn.topics.add(topic)
 

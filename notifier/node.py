@@ -103,9 +103,12 @@ class Node:
         between. Raises :class:`BrokerUnavailable`, leaving none of ``topics`` subscribed.
         """
         held: list[str] = []
+        moved: list[str] = []  # topics that were live already: recovered too, then live again
         try:
             for topic in dict.fromkeys(topics):
                 if topic in conn.topics:
+                    self.hub.hold(conn, topic)
+                    moved.append(topic)
                     continue
                 async with self._topic_lock(topic):
                     if self.hub.count(topic) == 0:
@@ -113,12 +116,16 @@ class Node:
                     self.hub.hold(conn, topic)
                 held.append(topic)
             limit = max(1, self.history_size)
-            histories = await asyncio.gather(*(self.broker.history(t, since, limit) for t in held))
+            everything = moved + held
+            histories = await asyncio.gather(*(self.broker.history(t, since, limit) for t in everything))
         except BaseException:
+            for topic in moved:  # back to live, with whatever arrived meanwhile
+                for n in self.hub.release(conn, topic):
+                    conn.push(n.frame, n.size, n.ts)
             await self.unsubscribe(conn, held)
             raise
         replay = sorted((n for h in histories for n in h.notifications), key=lambda n: n.id)
-        return CatchUp(held, since, replay, all(h.complete for h in histories))
+        return CatchUp(everything, since, replay, all(h.complete for h in histories))
 
     def finish(self, conn: Connection, catch_up: CatchUp) -> None:
         """Queue the replay, then what arrived live meanwhile (minus duplicates), and go live."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-TOPIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+TOPIC_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # always fullmatch: "$" would let "a\n" through
 BROADCAST = "broadcast"
 USER_PREFIX = "user:"
 
@@ -25,7 +25,7 @@ class BadFrame(ValueError):
 
 
 def valid_topic(topic: object) -> bool:
-    return isinstance(topic, str) and TOPIC_RE.match(topic) is not None
+    return isinstance(topic, str) and TOPIC_RE.fullmatch(topic) is not None
 
 
 def user_topic(sub: str) -> str:

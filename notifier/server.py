@@ -22,6 +22,8 @@ import time
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 from notifier.node import Node
 
@@ -46,6 +48,21 @@ class RedactTokens(logging.Filter):
 def install_log_filters() -> None:
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())
+
+
+ABORT_EXTENSION = "notifier.abort"
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol plus one ASGI extension, ``notifier.abort``: a
+    callable that drops the TCP connection at once. A client that stopped reading leaves the
+    transport paused, and then even a close frame waits forever; aborting frees it."""
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][ABORT_EXTENSION] = {"abort": self.transport.abort}  # type: ignore[index]
 
 
 class DrainingServer(uvicorn.Server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,17 @@ class Settings(BaseSettings):
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(BROKER_SCHEMES):
             raise ValueError(f"must start with one of {', '.join(BROKER_SCHEMES)}")
+        if not value.startswith("memory://"):
+            parsed = urlsplit(value)
+            try:
+                parsed.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ValueError("the port must be a number from 0 to 65535") from None
+            if not parsed.hostname:
+                raise ValueError("names no host")
+            db = parsed.path.lstrip("/")
+            if db and not db.isdigit():
+                raise ValueError("the path must be a database number, e.g. /0")
         return value
 
     @field_validator("jwt_secret")

@@ -35,6 +35,8 @@ router = APIRouter()
 RATE_PER_SECOND = 100.0
 RATE_BURST = 200.0
 EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
+CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain before it is dropped
+ABORT_EXTENSION = "notifier.abort"  # see notifier.server.WebSocketProtocol
 
 
 class Handshake(Exception):
@@ -126,17 +128,35 @@ class Session:
         self.tokens = RATE_BURST
         self.refilled = time.monotonic()
         self.expiry: asyncio.TimerHandle | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.writer: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write(), name=f"notifier-writer-{self.conn.session}")
+        self.writer = asyncio.create_task(self._write(), name=f"notifier-writer-{self.conn.session}")
+        self.conn.on_close = self._closing
         self._schedule_expiry()
         try:
             await self._read()
         finally:
-            if self.expiry is not None:
-                self.expiry.cancel()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            for timer in (self.expiry, self.watchdog):
+                if timer is not None:
+                    timer.cancel()
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
+
+    def _closing(self) -> None:
+        """A close was asked for: if the writer cannot get it out in time, drop the connection."""
+        if self.watchdog is None:
+            self.watchdog = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._force_close)
+
+    def _force_close(self) -> None:
+        if self.writer is None or self.writer.done():
+            return
+        log.info("dropping %s: its socket did not drain within %.0f s", self.conn.session, CLOSE_GRACE)
+        self.writer.cancel()
+        abort = self.websocket.scope.get("extensions", {}).get(ABORT_EXTENSION)
+        if abort is not None:
+            abort["abort"]()
 
     # -- writer -----------------------------------------------------------------------------
 
@@ -186,15 +206,16 @@ class Session:
             if len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
                 conn.close(CloseCode.MESSAGE_TOO_BIG, "frame too big")
                 continue
-            if not self._take_token():
-                self._error(None, ErrorCode.RATE_LIMITED, "more than 100 frames a second")
-                continue
             try:
                 frame = parse_client_frame(text)
             except BadFrame as exc:
-                self._error(None, ErrorCode.BAD_REQUEST, str(exc))
-                continue
-            await self._handle(frame)
+                frame, problem = None, str(exc)
+            if not self._take_token():
+                self._error(frame, ErrorCode.RATE_LIMITED, "more than 100 frames a second")
+            elif frame is None:
+                self._error(None, ErrorCode.BAD_REQUEST, problem)
+            else:
+                await self._handle(frame)
 
     def _take_token(self) -> bool:
         now = time.monotonic()
