@@ -52,6 +52,7 @@ class Broker(Protocol):
     """
 
     connected: bool
+    probe_lag: float | None  # seconds the last probe of the link took (None: none came back yet)
 
     async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
         """Connect (a broker that cannot connect yet keeps trying in the background)."""

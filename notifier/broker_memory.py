@@ -16,6 +16,7 @@ class MemoryBroker:
 
     def __init__(self, history_size: int = 1000) -> None:
         self.connected = False
+        self.probe_lag: float | None = 0.0  # nothing between publisher and subscriber
         self._seq = first_id(int(time.time() * 1000))
         self._history_size = history_size
         self._history: dict[str, deque[Notification]] = {}

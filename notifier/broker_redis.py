@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections import defaultdict, deque
 from typing import Any
 
@@ -31,7 +33,9 @@ IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 CHANNEL_PREFIX = PREFIX + "topic:"
 HISTORY_PREFIX = PREFIX + "history:"
 TRIMMED_PREFIX = PREFIX + "trimmed:"
-PROBE_CHANNEL = PREFIX + "probe"
+PROBE_PREFIX = PREFIX + "probe:"
+PROBE_INTERVAL = 5.0  # seconds between two probes of the pub/sub link
+PROBE_TIMEOUT = 3.0  # a probe not back within this: the link is silently dead, reconnect
 PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
 SUBSCRIBE_TIMEOUT = 3.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
@@ -96,6 +100,12 @@ class RedisBroker:
         self._pubsub: PubSub | None = None
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
         self._listener: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        # The probe: this node publishes to a channel of its own and expects it back on its
+        # subscription. A link that looks healthy but delivers nothing is caught this way.
+        self._probe_channel = f"{PROBE_PREFIX}{uuid.uuid4().hex}".encode()
+        self._probe_sent: dict[bytes, float] = {}
+        self.probe_lag: float | None = None  # seconds the last probe took to come back
         self._was_connected = False
         self._on_notification: OnNotification = lambda _n: None
         self._on_state: OnState = lambda _c: None
@@ -103,11 +113,13 @@ class RedisBroker:
     async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
         self._on_notification, self._on_state = on_notification, on_state
         self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
+        self._prober = asyncio.create_task(self._probe(), name="notifier-redis-probe")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        for task in (self._prober, self._listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._set_connected(False)
         await self._pub.aclose()
         await self._sub.aclose()
@@ -216,7 +228,7 @@ class RedisBroker:
 
     async def _read(self, pubsub: PubSub) -> None:
         wanted = {(CHANNEL_PREFIX + t).encode() for t in self._topics}
-        unconfirmed = wanted | {PROBE_CHANNEL.encode()}
+        unconfirmed = wanted | {self._probe_channel}
         await pubsub.subscribe(*unconfirmed)
         while True:
             message = await pubsub.get_message(timeout=None)
@@ -246,8 +258,11 @@ class RedisBroker:
             await pubsub.unsubscribe(*stale)
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
-        if not channel.startswith(CHANNEL_PREFIX.encode()):
-            return  # the probe channel
+        if channel == self._probe_channel:
+            sent = self._probe_sent.pop(data, None)
+            if sent is not None:
+                self.probe_lag = time.monotonic() - sent
+            return
         topic = channel[len(CHANNEL_PREFIX) :].decode()
         try:
             notification = Notification.from_envelope(topic, data)
@@ -255,6 +270,31 @@ class RedisBroker:
             log.error("dropping malformed broker message on %r", topic)
             return
         self._on_notification(notification)
+
+    async def _probe(self) -> None:
+        """Every few seconds, publish a probe and restart the pub/sub session if it is not back."""
+        seq = 0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            if not self.connected:
+                continue
+            seq += 1
+            token = str(seq).encode()
+            self._probe_sent = {token: time.monotonic()}
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await self._pub.publish(self._probe_channel, token)
+            except _REDIS_ERRORS:
+                continue  # Redis unreachable: the listener notices that by itself
+            await asyncio.sleep(PROBE_TIMEOUT)
+            if token in self._probe_sent and self.connected and self._listener is not None:
+                log.warning(
+                    "redis pub/sub link silent: probe not back within %.0f s; reconnecting", PROBE_TIMEOUT
+                )
+                self.probe_lag = None
+                self._listener.cancel()
+                await asyncio.gather(self._listener, return_exceptions=True)
+                self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
 
     def _end_session(self) -> None:
         self._set_connected(False)

@@ -48,6 +48,11 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.probe_lag = Gauge(
+            "notifier_broker_probe_lag_seconds",
+            "Round trip of the last probe through the broker's pub/sub link (NaN: none back yet)",
+            registry=r,
+        )
         self.dropped_slow = self.dropped.labels("slow_consumer")
         # Pre-create the label so a scrape shows 0 before the first drop.
         self.dropped_slow.inc(0)

@@ -50,6 +50,8 @@ class Node:
 
     async def start(self) -> None:
         self.metrics.broker_connected.set(0)
+        broker = self.broker
+        self.metrics.probe_lag.set_function(lambda: _nan_if_none(broker.probe_lag))
         await self.broker.start(self._deliver, self._broker_state)
 
     async def close(self) -> None:
@@ -196,3 +198,7 @@ class Node:
         if not accepted.repeated:
             self.metrics.published.inc()
         return accepted
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
