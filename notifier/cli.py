@@ -98,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         ws=WebSocketProtocol,
         ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         proxy_headers=True,
         log_level="info",

@@ -1,7 +1,9 @@
 """This node's roster: :class:`Connection` (a bounded outbound queue) and :class:`Hub` (topic -> connections).
 
-No I/O and no ``await`` on the fan-out path: :meth:`Hub.broadcast` appends one shared frame
-string to each subscriber's queue and wakes its writer, so a slow socket delays nobody else.
+No ``await`` on the fan-out path. :meth:`Hub.broadcast` hands the one encoded frame of a
+notification to each subscriber: a connection whose socket can take it now and has nothing
+queued writes it at once through its :class:`Sink` (no queue, no task switch); any other
+appends it to its bounded queue for its own writer task, so a slow socket delays nobody else.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from notifier.auth import Principal
 from notifier.errors import CloseCode
@@ -18,13 +21,26 @@ from notifier.protocol import Notification
 _session_ids = itertools.count(1)
 
 
+class Sink(Protocol):
+    """Direct, non-blocking writes of encoded frames to a connection's socket (see notifier.server)."""
+
+    def writable(self) -> bool:
+        """True when a write now goes out without piling up (socket open, buffer not full)."""
+
+    def write(self, data: bytes) -> None:
+        """Write one encoded frame; never blocks."""
+
+    async def drain(self) -> None:
+        """Wait until :meth:`writable` may be true again (or the socket is gone)."""
+
+
 class Connection:
     """One client socket as the hub sees it.
 
-    Outbound frames wait in ``queue`` as ``(text, size, ts)`` (``ts`` 0 for replies) until the
-    socket's writer takes them. When more than ``max_pending`` bytes are pending the
-    connection is doomed: its queue is emptied, the notification frames in it are reported to
-    ``on_drop``, and the writer closes it with 1013.
+    Outbound frames wait in ``queue`` as ``(text, size, ts, wire)`` (``ts`` 0 for replies,
+    ``wire`` the encoded frame when known) until the socket's writer takes them. When more
+    than ``max_pending`` bytes are pending the connection is doomed: its queue is emptied, the
+    notification frames in it are reported to ``on_drop``, and the writer closes it with 1013.
     """
 
     __slots__ = (
@@ -39,6 +55,7 @@ class Connection:
         "close_reason",
         "on_drop",
         "on_close",
+        "sink",
     )
 
     def __init__(
@@ -47,7 +64,7 @@ class Connection:
         self.session = session or f"s{next(_session_ids)}"
         self.principal = principal
         self.topics: set[str] = set()
-        self.queue: deque[tuple[str, int, int]] = deque()
+        self.queue: deque[tuple[str, int, int, bytes]] = deque()
         self.pending = 0
         self.max_pending = max_pending
         self.wakeup = asyncio.Event()
@@ -55,15 +72,25 @@ class Connection:
         self.close_reason = ""
         self.on_drop = on_drop
         self.on_close: Callable[[], None] = lambda: None
+        self.sink: Sink | None = None  # set by the edge once the socket is open
 
-    def push(self, text: str, size: int, ts: int = 0) -> None:
+    def deliver(self, n: Notification) -> bool:
+        """Hand over one notification: True when written to the socket at once, else queued."""
+        sink = self.sink
+        if sink is not None and not self.queue and self.close_code is None and sink.writable():
+            sink.write(n.wire)
+            return True
+        self.push(n.frame, n.size, n.ts, n.wire)
+        return False
+
+    def push(self, text: str, size: int, ts: int = 0, wire: bytes = b"") -> None:
         """Queue one frame (never blocks); overflow dooms the connection."""
         if self.close_code is not None:
             if ts:
                 self.on_drop(1)
             return
         self.pending += size
-        self.queue.append((text, size, ts))
+        self.queue.append((text, size, ts, wire))
         if self.pending > self.max_pending:
             self.close(CloseCode.TRY_AGAIN_LATER, "client too slow")
             return
@@ -73,7 +100,7 @@ class Connection:
         """Queue a frame ahead of everything already queued (the ``hello``)."""
         size = len(text.encode())
         self.pending += size
-        self.queue.appendleft((text, size, 0))
+        self.queue.appendleft((text, size, 0, b""))
         self.wakeup.set()
 
     def close(self, code: int, reason: str = "") -> None:
@@ -81,7 +108,7 @@ class Connection:
         if self.close_code is not None:
             return
         self.close_code, self.close_reason = code, reason
-        lost = sum(1 for _, _, ts in self.queue if ts)
+        lost = sum(1 for _, _, ts, _ in self.queue if ts)
         self.queue.clear()
         self.pending = 0
         if lost:
@@ -89,7 +116,7 @@ class Connection:
         self.wakeup.set()
         self.on_close()
 
-    def take(self) -> list[tuple[str, int, int]]:
+    def take(self) -> list[tuple[str, int, int, bytes]]:
         """Everything queued, oldest first, for the writer to send in one go."""
         batch = list(self.queue)
         self.queue.clear()
@@ -154,15 +181,16 @@ class Hub:
         return list(self._topics.keys() | self._held.keys())
 
     def broadcast(self, notification: Notification) -> int:
-        """Hand the one frame of ``notification`` to every local subscriber; returns how many."""
-        subscribers = self._topics.get(notification.topic)
+        """Hand ``notification`` to every local subscriber; returns how many got it written at once
+        (the others have it queued)."""
         held = self._held.get(notification.topic)
         if held:
             for buffer in held.values():
                 buffer.append(notification)
+        subscribers = self._topics.get(notification.topic)
         if not subscribers:
             return 0
-        frame, size, ts = notification.frame, notification.size, notification.ts
+        written = 0
         for conn in subscribers:
-            conn.push(frame, size, ts)
-        return len(subscribers)
+            written += conn.deliver(notification)
+        return written

@@ -62,7 +62,11 @@ class Node:
         return self.broker.connected and not self.draining
 
     def _deliver(self, notification: Notification) -> None:
-        self.hub.broadcast(notification)
+        written = self.hub.broadcast(notification)
+        if written:
+            # Counted once per fan-out, not per socket; the latency is sampled by the last write.
+            self.metrics.delivered.inc(written)
+            self.metrics.latency.observe(max(0.0, time.time() - notification.ts / 1000))
 
     def _broker_state(self, connected: bool) -> None:
         self.metrics.broker_connected.set(1 if connected else 0)
@@ -123,7 +127,7 @@ class Node:
         except BaseException:
             for topic in moved:  # back to live, with whatever arrived meanwhile
                 for n in self.hub.release(conn, topic):
-                    conn.push(n.frame, n.size, n.ts)
+                    conn.push(n.frame, n.size, n.ts, n.wire)
             await self.unsubscribe(conn, held)
             raise
         replay = sorted((n for h in histories for n in h.notifications), key=lambda n: n.id)
@@ -133,11 +137,11 @@ class Node:
         """Queue the replay, then what arrived live meanwhile (minus duplicates), and go live."""
         seen = {n.id for n in catch_up.replay}
         for n in catch_up.replay:
-            conn.push(n.frame, n.size, n.ts)
+            conn.push(n.frame, n.size, n.ts, n.wire)
         for topic in catch_up.topics:
             for n in self.hub.release(conn, topic):
                 if n.id > catch_up.since and n.id not in seen:
-                    conn.push(n.frame, n.size, n.ts)
+                    conn.push(n.frame, n.size, n.ts, n.wire)
 
     async def history(self, topic: str, since: int | None, limit: int) -> History:
         return await self.broker.history(topic, since, limit)

@@ -50,6 +50,19 @@ def notification_tail(topic: str, data_json: bytes, ts: int) -> str:
     return '","topic":' + dumps(topic) + ',"data":' + data_json.decode() + ',"ts":' + str(ts) + "}"
 
 
+def ws_text_frame(payload: bytes) -> bytes:
+    """``payload`` as one final, unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it
+    without extensions: identical for every connection, so a fan-out encodes it once."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """One published notification as it travels from the broker to the hub: the frame is final."""
@@ -59,6 +72,7 @@ class Notification:
     ts: int
     frame: str
     size: int  # the frame's length in UTF-8 bytes
+    wire: bytes  # the frame as one unmasked WebSocket text frame, the same bytes for every socket
 
     def envelope(self) -> bytes:
         """The broker message: ``"<id> <ts> <frame>"``, so a node never parses the frame."""
@@ -67,12 +81,13 @@ class Notification:
     @classmethod
     def from_envelope(cls, topic: str, raw: bytes) -> Notification:
         id_, ts, frame = raw.split(b" ", 2)
-        return cls(topic, int(id_), int(ts), frame.decode(), len(frame))
+        return cls(topic, int(id_), int(ts), frame.decode(), len(frame), ws_text_frame(frame))
 
     @classmethod
     def build(cls, id_: int, topic: str, data_json: bytes, ts: int) -> Notification:
         frame = NOTIFICATION_HEAD + str(id_) + notification_tail(topic, data_json, ts)
-        return cls(topic, id_, ts, frame, len(frame.encode()))
+        payload = frame.encode()
+        return cls(topic, id_, ts, frame, len(payload), ws_text_frame(payload))
 
 
 @dataclass(frozen=True, slots=True)

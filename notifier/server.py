@@ -51,18 +51,53 @@ def install_log_filters() -> None:
 
 
 ABORT_EXTENSION = "notifier.abort"
+SINK_EXTENSION = "notifier.sink"
+
+
+class DirectSink:
+    """Writes already-encoded frames straight to the socket's transport (``notifier.hub.Sink``).
+
+    Valid only where the frame bytes are the same for every connection: no extension such as
+    permessage-deflate negotiated. It never writes before the handshake completed, after a close
+    was sent, or while the transport is paused (its buffer over the high-water mark).
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: WebSocketProtocol) -> None:
+        self._protocol = protocol
+
+    def writable(self) -> bool:
+        p = self._protocol
+        return p.writable.is_set() and p.handshake_complete and not p.close_sent and not p.disconnected
+
+    def write(self, data: bytes) -> None:
+        self._protocol.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._protocol.writable.wait()
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol plus one ASGI extension, ``notifier.abort``: a
-    callable that drops the TCP connection at once. A client that stopped reading leaves the
-    transport paused, and then even a close frame waits forever; aborting frees it."""
+    """uvicorn's websockets-sansio protocol plus two ASGI extensions:
+
+    - ``notifier.abort``: drops the TCP connection at once. A client that stopped reading
+      leaves the transport paused, and then even a close frame waits forever.
+    - ``notifier.sink``: a :class:`DirectSink`, offered when no extension was negotiated, so a
+      fan-out writes one shared encoded frame to each socket without a task switch or an
+      ASGI message per delivery.
+    """
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][ABORT_EXTENSION] = {"abort": self.transport.abort}  # type: ignore[index]
+        if scope is None:
+            return
+        extensions = scope["extensions"] or {}
+        scope["extensions"] = extensions
+        extensions[ABORT_EXTENSION] = {"abort": self.transport.abort}
+        if not self.conn.extensions:
+            extensions[SINK_EXTENSION] = {"sink": DirectSink(self)}
 
 
 class DrainingServer(uvicorn.Server):

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     history_size: int = Field(1000, ge=0)
     send_queue_bytes: int = Field(1048576, ge=1024)
     shutdown_timeout: float = Field(10, gt=0)
+    # permessage-deflate costs one compression per socket per notification on a fan-out and
+    # rules out writing one shared encoded frame to every socket: off unless asked for.
+    ws_compression: bool = False
 
     @field_validator("broker_url")
     @classmethod

@@ -26,6 +26,7 @@ from notifier.protocol import (
     parse_since,
     topic_list,
     valid_topic,
+    ws_text_frame,
 )
 from notifier.services import Services
 
@@ -37,6 +38,7 @@ RATE_BURST = 200.0
 EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
 CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain before it is dropped
 ABORT_EXTENSION = "notifier.abort"  # see notifier.server.WebSocketProtocol
+SINK_EXTENSION = "notifier.sink"  # see notifier.server.WebSocketProtocol
 
 
 class Handshake(Exception):
@@ -72,6 +74,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
             return
         await websocket.accept()
+        sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
+        conn.sink = sink["sink"] if sink else None
         hello["topics"] = sorted(conn.topics)
         conn.push_first(dumps(hello))
         if catch_up is not None:
@@ -161,26 +165,35 @@ class Session:
     # -- writer -----------------------------------------------------------------------------
 
     async def _write(self) -> None:
-        conn, send = self.conn, self.websocket.send
+        """Drain the queue in order: through the sink when the server offers one (encoded bytes,
+        written while the socket takes them), else through ASGI ``send``."""
+        conn, send, sink = self.conn, self.websocket.send, self.conn.sink
         metrics = self.services.metrics
         try:
             while True:
                 await conn.wakeup.wait()
-                batch = conn.take()
-                delivered = 0
-                for index, (text, size, ts) in enumerate(batch):
-                    if conn.close_code is not None:
-                        lost = sum(1 for _, _, t in batch[index:] if t)
-                        if lost:
-                            conn.on_drop(lost)
-                        break
-                    await send({"type": "websocket.send", "text": text})
-                    conn.pending -= size
+                conn.wakeup.clear()
+                delivered = last_ts = 0
+                while conn.queue and conn.close_code is None:
+                    if sink is not None:
+                        if not sink.writable():
+                            await sink.drain()
+                            if not sink.writable():
+                                return  # the socket is gone or closing
+                            continue
+                        text, size, ts, wire = conn.queue.popleft()
+                        sink.write(wire or ws_text_frame(text.encode()))
+                    else:
+                        text, size, ts, wire = conn.queue.popleft()
+                        await send({"type": "websocket.send", "text": text})
+                    if conn.close_code is None:
+                        conn.pending -= size
                     if ts:
                         delivered += 1
-                        metrics.latency.observe(max(0.0, time.time() - ts / 1000))
+                        last_ts = ts
                 if delivered:
                     metrics.delivered.inc(delivered)
+                    metrics.latency.observe(max(0.0, time.time() - last_ts / 1000))
                 if conn.close_code is not None:
                     await self.websocket.close(conn.close_code, conn.close_reason)
                     return

@@ -35,7 +35,7 @@ def connection(max_pending: int = 1 << 20, drops: Drops | None = None) -> Connec
 
 
 def texts(conn: Connection) -> list[str]:
-    return [text for text, _, _ in conn.take()]
+    return [text for text, *_ in conn.take()]
 
 
 # -- fan-out -----------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def test_every_subscriber_gets_the_very_same_frame_object() -> None:
     for conn in subscribers:
         hub.add(conn, "news")
     n = notification(1)
-    assert hub.broadcast(n) == 3
+    assert hub.broadcast(n) == 0  # no sink: every frame is queued for the writer
     for conn in subscribers:
         (text,) = texts(conn)
         assert text is n.frame
@@ -189,3 +189,70 @@ def test_the_first_close_code_wins() -> None:
     conn.close(CloseCode.POLICY_VIOLATION, "token expired")
     conn.close(CloseCode.GOING_AWAY, "shutting down")
     assert conn.close_code == 1008
+
+
+# -- direct writes through a sink ---------------------------------------------------------------
+
+
+class FakeSink:
+    """A socket that records what is written and can be made unwritable (a full buffer)."""
+
+    def __init__(self, writable: bool = True) -> None:
+        self.open = writable
+        self.written: list[bytes] = []
+
+    def writable(self) -> bool:
+        return self.open
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:  # pragma: no cover - the hub never awaits
+        raise AssertionError("the hub must not wait on a socket")
+
+
+def test_writable_sockets_get_the_one_encoded_frame_written_at_once() -> None:
+    hub = Hub()
+    subscribers = [connection() for _ in range(3)]
+    for conn in subscribers:
+        conn.sink = FakeSink()
+        hub.add(conn, "news")
+    n = notification(1)
+    assert hub.broadcast(n) == 3
+    for conn in subscribers:
+        assert conn.sink is not None
+        assert conn.sink.written == [n.wire]  # type: ignore[attr-defined]
+        assert conn.sink.written[0] is n.wire  # type: ignore[attr-defined]
+        assert conn.take() == []
+
+
+def test_the_encoded_frame_is_a_final_unmasked_text_frame_of_the_json() -> None:
+    for padding in (0, 200, 70_000):
+        n = notification(1, padding=padding)
+        payload = n.frame.encode()
+        assert n.wire[0] == 0x81  # FIN + text opcode
+        assert n.wire[1] & 0x80 == 0  # server frames are not masked
+        length = n.wire[1] & 0x7F
+        if length == 126:
+            length, offset = int.from_bytes(n.wire[2:4], "big"), 4
+        elif length == 127:
+            length, offset = int.from_bytes(n.wire[2:10], "big"), 10
+        else:
+            offset = 2
+        assert length == len(payload)
+        assert n.wire[offset:] == payload
+
+
+def test_an_unwritable_socket_queues_and_later_frames_keep_their_order() -> None:
+    hub = Hub()
+    conn = connection()
+    sink = FakeSink(writable=False)
+    conn.sink = sink
+    hub.add(conn, "news")
+    first, second = notification(1), notification(2)
+    assert hub.broadcast(first) == 0
+    sink.open = True
+    # Something is still queued: writing the second now would overtake the first.
+    assert hub.broadcast(second) == 0
+    assert sink.written == []
+    assert texts(conn) == [first.frame, second.frame]
