@@ -12,10 +12,29 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
+import orjson
+from starlette.testclient import WebSocketTestSession
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def recv(ws: WebSocketTestSession, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame of a TestClient socket: WebSocketDisconnect when the server closed it,
+    TimeoutError when nothing came within ``timeout`` (the TestClient's own receive blocks forever)."""
+
+    async def receive() -> dict[str, Any]:
+        with anyio.fail_after(timeout):
+            message: dict[str, Any] = await ws._send_rx.receive()
+            return message
+
+    message = ws.portal.call(receive)
+    ws._raise_on_close(message)
+    frame: dict[str, Any] = orjson.loads(message["text"])
+    return frame
 
 
 def free_port() -> int:
@@ -57,8 +76,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

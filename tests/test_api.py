@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import anyio
 import pytest
 from conftest import Mint, make_settings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
+from support import recv
 
 from notifier.app import create_app
 from notifier.broker_memory import MemoryBroker
@@ -25,19 +24,6 @@ URL = "/v1/notifications"
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def recv(ws: WebSocketTestSession, timeout: float = 5.0) -> dict[str, Any]:
-    """The next frame of a test socket, failing after ``timeout`` rather than hanging."""
-
-    async def receive() -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            return await ws._send_rx.receive()
-
-    message = ws.portal.call(receive)
-    ws._raise_on_close(message)
-    frame: dict[str, Any] = json.loads(message["text"])
-    return frame
 
 
 @contextmanager

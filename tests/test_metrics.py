@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-import anyio
 from conftest import Mint, make_settings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
-from support import wait_until
+from support import recv, wait_until
 
 from notifier.app import create_app
 
@@ -44,17 +42,6 @@ def eventually(client: TestClient, name: str, expected: float, timeout: float = 
         wait_until(lambda: metric(client, name) == expected, timeout, f"{name} == {expected}")
     except TimeoutError:
         assert metric(client, name) == expected
-
-
-def recv(ws: WebSocketTestSession, timeout: float = 5.0) -> dict[str, Any]:
-    async def receive() -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            return await ws._send_rx.receive()
-
-    message = ws.portal.call(receive)
-    ws._raise_on_close(message)
-    frame: dict[str, Any] = json.loads(message["text"])
-    return frame
 
 
 @contextmanager

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
-import anyio
 import jwt
 import pytest
 from conftest import Mint, make_settings
@@ -17,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
-from support import wait_until
+from support import recv, wait_until
 
 from notifier.app import create_app
 from notifier.broker_memory import MemoryBroker
@@ -27,23 +25,6 @@ from notifier.protocol import Accepted
 Frame = dict[str, Any]
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def recv(ws: WebSocketTestSession, timeout: float = 5.0) -> Frame:
-    """The next frame; WebSocketDisconnect when the server closed, TimeoutError when nothing came.
-
-    The TestClient's own ``receive`` blocks forever; this one gives up after ``timeout`` so a
-    missing frame fails the test instead of hanging the run.
-    """
-
-    async def receive() -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            return await ws._send_rx.receive()
-
-    message = ws.portal.call(receive)
-    ws._raise_on_close(message)
-    frame: Frame = json.loads(message["text"])
-    return frame
 
 
 def expect_close(ws: WebSocketTestSession, timeout: float = 5.0) -> tuple[int, list[Frame]]:
