@@ -17,7 +17,7 @@ class MemoryBroker:
     def __init__(self, history_size: int = 1000) -> None:
         self.connected = False
         self.probe_lag: float | None = 0.0  # nothing between publisher and subscriber
-        self._seq = first_id(int(time.time() * 1000))
+        self._seq = self._epoch = first_id(int(time.time() * 1000))
         self._history_size = history_size
         self._history: dict[str, deque[Notification]] = {}
         self._trimmed: dict[str, int] = {}  # topic -> highest id dropped from its history
@@ -66,7 +66,9 @@ class MemoryBroker:
             found = list(ring)[-limit:] if limit else []
         else:
             found = list(islice((n for n in ring if n.id > since), limit))
-        complete = self._history_size > 0 and (since is None or self._trimmed.get(topic, 0) <= since)
+        # Anything before this process's first id, or trimmed away, is lost to a recovery.
+        lost_before = max(self._trimmed.get(topic, 0), self._epoch)
+        complete = self._history_size > 0 and (since is None or lost_before <= since)
         return History(found, complete)
 
     async def subscribe(self, topic: str) -> None:

@@ -15,7 +15,7 @@ import uuid
 from collections import defaultdict, deque
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -29,6 +29,7 @@ log = logging.getLogger("notifier.broker")
 
 PREFIX = "notifier:"
 SEQ_KEY = PREFIX + "seq"
+EPOCH_KEY = PREFIX + "epoch"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 CHANNEL_PREFIX = PREFIX + "topic:"
 HISTORY_PREFIX = PREFIX + "history:"
@@ -38,39 +39,52 @@ PROBE_INTERVAL = 5.0  # seconds between two probes of the pub/sub link
 PROBE_TIMEOUT = 3.0  # a probe not back within this: the link is silently dead, reconnect
 PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
 SUBSCRIBE_TIMEOUT = 3.0
+PUBLISH_CONNECTIONS = 32  # per node; Redis runs scripts one at a time anyway
+DEADLINE_MARGIN = 0.25  # seconds the script's deadline keeps before our own timeout fires
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
-# KEYS: sequence counter, topic channel, topic history stream, topic trim mark, [idempotency key]
-# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size
-# Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}, publishing nothing.
+# KEYS: sequence counter, epoch, topic channel, topic history stream, topic trim mark, [idempotency key]
+# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,
+#       deadline in Redis's clock (unix ms, "" when the clock offset is not known yet)
+# Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}; past the
+# deadline {"", 2}: the caller has given up (answered 503) by then, so nothing may be published.
 # Id, history and publication happen in one atomic step: ids follow publish order across every
 # node, and the id a subscriber sees live is the id history holds. The history stream keeps
 # exactly the last N entries (stream id "<id>-0"); the trim mark is the highest id trimmed
-# away, which is how a recovery knows whether anything after its `since` was lost.
+# away, and the epoch the id a fresh counter started from: a recovery from before the epoch
+# (a Redis that lost its data) or from before the trim mark has lost something.
 PUBLISH_LUA = """
-if #KEYS == 5 then
-  local previous = redis.call('GET', KEYS[5])
+if ARGV[6] ~= '' then
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
+    return {'', 2}
+  end
+end
+if #KEYS == 6 then
+  local previous = redis.call('GET', KEYS[6])
   if previous then return {previous, 1} end
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   -- A new (or wiped) Redis: start above every id an earlier counter can have handed out.
-  redis.call('SET', KEYS[1], string.format('%.0f', tonumber(ARGV[2]) * 1000))
+  local first = string.format('%.0f', tonumber(ARGV[2]) * 1000)
+  redis.call('SET', KEYS[1], first)
+  redis.call('SET', KEYS[2], first)
 end
 local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
 local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
 local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
 local size = tonumber(ARGV[5])
 if size > 0 then
-  local excess = redis.call('XLEN', KEYS[3]) + 1 - size
+  local excess = redis.call('XLEN', KEYS[4]) + 1 - size
   if excess > 0 then
-    local gone = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', excess)
-    redis.call('SET', KEYS[4], string.match(gone[#gone][1], '^(%d+)'))
+    local gone = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', excess)
+    redis.call('SET', KEYS[5], string.match(gone[#gone][1], '^(%d+)'))
   end
-  redis.call('XADD', KEYS[3], 'MAXLEN', size, id .. '-0', 'n', envelope)
+  redis.call('XADD', KEYS[4], 'MAXLEN', size, id .. '-0', 'n', envelope)
 end
-redis.call('PUBLISH', KEYS[2], envelope)
+redis.call('PUBLISH', KEYS[3], envelope)
 local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
-if #KEYS == 5 then redis.call('SET', KEYS[5], answer, 'EX', ARGV[3]) end
+if #KEYS == 6 then redis.call('SET', KEYS[6], answer, 'EX', ARGV[3]) end
 return {answer, 0}
 """
 
@@ -88,9 +102,17 @@ class RedisBroker:
         self.connected = False
         self._history_size = history_size
         self._url = url
-        self._pub: Redis = Redis.from_url(
-            url, socket_timeout=PUBLISH_TIMEOUT, socket_connect_timeout=PUBLISH_TIMEOUT, retry=_no_retry()
+        # A blocking pool: a burst of publishes waits for a free connection (up to the publish
+        # timeout) rather than failing once 100 are in use, as redis-py's default pool does.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=PUBLISH_CONNECTIONS,
+            timeout=PUBLISH_TIMEOUT,
+            socket_timeout=PUBLISH_TIMEOUT,
+            socket_connect_timeout=PUBLISH_TIMEOUT,
+            retry=_no_retry(),
         )
+        self._pub: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
         # No socket_timeout on the pub/sub connection: an idle listener must not time out.
         self._sub: Redis = Redis.from_url(
             url, socket_connect_timeout=SUBSCRIBE_TIMEOUT, retry=_no_retry(), health_check_interval=0
@@ -106,6 +128,7 @@ class RedisBroker:
         self._probe_channel = f"{PROBE_PREFIX}{uuid.uuid4().hex}".encode()
         self._probe_sent: dict[bytes, float] = {}
         self.probe_lag: float | None = None  # seconds the last probe took to come back
+        self._clock_offset: float | None = None  # Redis's clock minus ours, in seconds
         self._was_connected = False
         self._on_notification: OnNotification = lambda _n: None
         self._on_state: OnState = lambda _c: None
@@ -127,18 +150,25 @@ class RedisBroker:
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
     ) -> Accepted:
-        keys = [SEQ_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
+        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
         if idempotency_key is not None:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
         tail = notification_tail(topic, data_json, ts)
-        args: list[Any] = [tail, ts, IDEMPOTENCY_TTL, topic, self._history_size]
+        deadline = ""
+        if self._clock_offset is not None:
+            # A publish that reaches Redis after we answered 503 must not happen: the script
+            # refuses past this deadline, set in Redis's own clock a margin before our timeout.
+            deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
+        args: list[Any] = [tail, ts, IDEMPOTENCY_TTL, topic, self._history_size, deadline]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
-                answer, repeated = await self._script(keys=keys, args=args)
+                answer, outcome = await self._script(keys=keys, args=args)
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        if outcome == 2:
+            raise BrokerUnavailable("redis: too slow to answer; nothing published")
         id_, ts_, topic_ = answer.split(b" ", 2)
-        return Accepted(int(id_), topic_.decode(), int(ts_), repeated=bool(repeated))
+        return Accepted(int(id_), topic_.decode(), int(ts_), repeated=outcome == 1)
 
     async def history(self, topic: str, since: int | None, limit: int) -> History:
         key = HISTORY_PREFIX + topic
@@ -150,13 +180,15 @@ class RedisBroker:
                     else:
                         pipe.xrange(key, f"{since + 1}-0", "+", count=limit)
                     pipe.get(TRIMMED_PREFIX + topic)
-                    entries, trimmed = await pipe.execute()
+                    pipe.get(EPOCH_KEY)
+                    entries, trimmed, epoch = await pipe.execute()
         except _REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
         if since is None:
             entries.reverse()
         found = [Notification.from_envelope(topic, fields[b"n"]) for _id, fields in entries]
-        complete = self._history_size > 0 and (since is None or trimmed is None or int(trimmed) <= since)
+        lost_before = max(int(trimmed or 0), int(epoch or 0))
+        complete = self._history_size > 0 and (since is None or lost_before <= since)
         return History(found, complete)
 
     async def subscribe(self, topic: str) -> None:
@@ -272,29 +304,44 @@ class RedisBroker:
         self._on_notification(notification)
 
     async def _probe(self) -> None:
-        """Every few seconds, publish a probe and restart the pub/sub session if it is not back."""
+        """Every few seconds: measure Redis's clock, publish a probe, and restart the pub/sub
+        session if the probe cannot be published or does not come back."""
         seq = 0
         while True:
-            await asyncio.sleep(PROBE_INTERVAL)
             if not self.connected:
+                await asyncio.sleep(0.1)  # probe (and measure the clock) as soon as it is up
                 continue
             seq += 1
-            token = str(seq).encode()
-            self._probe_sent = {token: time.monotonic()}
-            try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    await self._pub.publish(self._probe_channel, token)
-            except _REDIS_ERRORS:
-                continue  # Redis unreachable: the listener notices that by itself
-            await asyncio.sleep(PROBE_TIMEOUT)
-            if token in self._probe_sent and self.connected and self._listener is not None:
-                log.warning(
-                    "redis pub/sub link silent: probe not back within %.0f s; reconnecting", PROBE_TIMEOUT
-                )
+            if not await self._probe_once(str(seq).encode()) and self.connected:
+                log.warning("redis pub/sub link silent: no probe back in %.0f s; reconnecting", PROBE_TIMEOUT)
                 self.probe_lag = None
-                self._listener.cancel()
-                await asyncio.gather(self._listener, return_exceptions=True)
-                self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
+                await self._restart_listener()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _probe_once(self, token: bytes) -> bool:
+        self._probe_sent = {token: time.monotonic()}
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                before = time.time()
+                seconds, micros = await self._pub.time()
+                after = time.time()
+                self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
+                await self._pub.publish(self._probe_channel, token)
+        except TimeoutError:
+            return False  # Redis does not answer: as bad as a silent link
+        except _REDIS_ERRORS as exc:
+            log.debug("probe not published: %r", exc)
+            return True  # Redis refused or is unreachable: the listener sees to that by itself
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while token in self._probe_sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return token not in self._probe_sent
+
+    async def _restart_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
 
     def _end_session(self) -> None:
         self._set_connected(False)

@@ -178,6 +178,8 @@ class Node:
         self.draining = True
         conns = list(self.hub.connections)
         log.info("draining %d connections over up to %.1f s", len(conns), window)
+        if not conns:
+            return
         steps = max(1, min(len(conns), int(window / DRAIN_STEP)))
         batch = -(-len(conns) // steps)
         for start in range(0, len(conns), batch):

@@ -1,0 +1,599 @@
+"""One conformance suite every broker passes: the in-process broker and Redis on a real redis-server.
+
+Each test runs against both brokers (ids ``memory`` and ``redis``); the tests that need two nodes
+or an outage exist for Redis only. Every wait has a deadline; absence is proven with a marker
+published after the notification that must not arrive, never with a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from support import RedisServer
+
+from notifier.auth import Principal
+from notifier.broker import Broker
+from notifier.broker_memory import MemoryBroker
+from notifier.broker_redis import RedisBroker
+from notifier.errors import BrokerUnavailable
+from notifier.hub import Connection
+from notifier.metrics import Metrics
+from notifier.node import Node
+from notifier.protocol import Accepted, Notification
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 10.0
+CHANNEL_PREFIX = "notifier:topic:"  # the Redis channel of a topic (checked with PUBSUB NUMSUB)
+
+MakeBroker = Callable[[], Broker]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def fresh(prefix: str = "t") -> str:
+    """A topic name no other test (or earlier run on the shared redis-server) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encoded(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Poll ``check`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not check():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = DEADLINE
+) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while not await check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+class Inbox:
+    """What a broker hands back through its callbacks: notifications and state changes."""
+
+    def __init__(self) -> None:
+        self.notifications: list[Notification] = []
+        self.states: list[bool] = []
+        self._changed = asyncio.Event()
+
+    def on_notification(self, notification: Notification) -> None:
+        self.notifications.append(notification)
+        self._changed.set()
+
+    def on_state(self, connected: bool) -> None:
+        self.states.append(connected)
+        self._changed.set()
+
+    def of(self, topic: str) -> list[Notification]:
+        return [n for n in self.notifications if n.topic == topic]
+
+    def frames(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(n.frame) for n in self.of(topic)]
+
+    async def wait_for(self, check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+        """Wait (woken by each callback) until ``check`` holds; fail after ``timeout`` seconds."""
+        try:
+            with anyio.fail_after(timeout):
+                while not check():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+    async def wait_count(self, topic: str, count: int, timeout: float = DEADLINE) -> list[Notification]:
+        await self.wait_for(
+            lambda: len(self.of(topic)) >= count, f"{count} notifications on {topic}", timeout
+        )
+        return self.of(topic)
+
+
+@asynccontextmanager
+async def running(broker: Broker) -> AsyncIterator[Inbox]:
+    """Start ``broker``, wait until it reports connected, close it on the way out."""
+    inbox = Inbox()
+    await broker.start(inbox.on_notification, inbox.on_state)
+    try:
+        await inbox.wait_for(lambda: broker.connected, "the broker to connect")
+        yield inbox
+    finally:
+        await broker.close()
+
+
+def assert_frame(notification: Notification, accepted: Accepted, data: Any) -> None:
+    """The delivered notification is exactly the accepted one, frame included."""
+    assert (notification.id, notification.topic, notification.ts) == (
+        accepted.id,
+        accepted.topic,
+        accepted.ts,
+    )
+    assert json.loads(notification.frame) == {
+        "type": "notification",
+        "id": str(accepted.id),
+        "topic": accepted.topic,
+        "data": data,
+        "ts": accepted.ts,
+    }
+    assert notification.size == len(notification.frame.encode())
+
+
+def strictly_increasing(ids: list[int]) -> bool:
+    return all(a < b for a, b in zip(ids, ids[1:], strict=False))
+
+
+async def numsub(url: str, topic: str) -> int:
+    """How many subscriptions the Redis server holds on ``topic``'s channel."""
+    client = Redis.from_url(url)
+    try:
+        ((_channel, count),) = await client.pubsub_numsub(CHANNEL_PREFIX + topic)
+        return int(count)
+    finally:
+        await client.aclose()
+
+
+class SlowLink:
+    """A real TCP relay to a redis-server that holds every client-to-server byte ``delay`` seconds.
+
+    Replies come back at once. A client behind it sees its commands take effect late, so
+    "returns once the subscription is active" is tested with a window wide enough to matter.
+    """
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port, self.delay = target_port, delay
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> SlowLink:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.append(client_writer)
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        self._writers.append(server_writer)
+        self._tasks += [
+            asyncio.create_task(self._pump(client_reader, server_writer, self.delay)),
+            asyncio.create_task(self._pump(server_reader, client_writer, 0.0)),
+        ]
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                while data := await reader.read(65536):
+                    chunks.put_nowait((loop.time() + delay, data))
+            except OSError:
+                pass
+            chunks.put_nowait((loop.time() + delay, b""))
+
+        reading = asyncio.create_task(read())
+        try:
+            while True:
+                due, data = await chunks.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))  # latency, in arrival order
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            writer.close()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def broker_url(broker_kind: str, request: pytest.FixtureRequest) -> str:
+    if broker_kind == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+def make_broker(broker_kind: str, broker_url: str) -> MakeBroker:
+    if broker_kind == "memory":
+        return MemoryBroker
+    return lambda: RedisBroker(broker_url)
+
+
+# -- the conformance suite (every broker) -----------------------------------------------------
+
+
+async def test_start_reports_connected_through_on_state(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    inbox = Inbox()
+    await broker.start(inbox.on_notification, inbox.on_state)
+    try:
+        await inbox.wait_for(lambda: bool(inbox.states), "on_state to be called")
+        assert inbox.states == [True]
+        assert broker.connected is True
+    finally:
+        await broker.close()
+    assert broker.connected is False
+
+
+async def test_publish_returns_accepted_with_strictly_increasing_ids(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker):
+        topics = [fresh(), fresh()]
+        answers: list[Accepted] = []
+        for i in range(20):
+            ts = now_ms()
+            accepted = await broker.publish(topics[i % 2], encoded({"i": i}), ts)
+            assert (accepted.topic, accepted.ts, accepted.repeated) == (topics[i % 2], ts, False)
+            answers.append(accepted)
+        ids = [a.id for a in answers]
+        assert all(isinstance(i, int) and i > 0 for i in ids)
+        assert strictly_increasing(ids), ids
+
+
+async def test_subscriber_receives_each_frame_in_id_order(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        topic = fresh()
+        await broker.subscribe(topic)
+        sent: list[tuple[Accepted, Any]] = []
+        for i in range(100):
+            data = {"i": i, "text": f"message {i}"}
+            sent.append((await broker.publish(topic, encoded(data), now_ms()), data))
+
+        received = await inbox.wait_count(topic, len(sent))
+        assert len(received) == len(sent)
+        for notification, (accepted, data) in zip(received, sent, strict=True):
+            assert_frame(notification, accepted, data)
+
+
+async def test_concurrent_publishes_are_delivered_in_id_order(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        topic = fresh()
+        await broker.subscribe(topic)
+        answers = await asyncio.gather(*(broker.publish(topic, encoded(i), now_ms()) for i in range(100)))
+        ids = [a.id for a in answers]
+        assert len(set(ids)) == len(ids)
+
+        received = await inbox.wait_count(topic, len(ids))
+        assert [n.id for n in received] == sorted(ids)
+        by_id = {a.id: (a, i) for i, a in enumerate(answers)}
+        for notification in received:
+            accepted, data = by_id[notification.id]
+            assert_frame(notification, accepted, data)
+
+
+async def test_null_and_unicode_data_survive_the_round_trip(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        topic = fresh()
+        await broker.subscribe(topic)
+        payloads: list[Any] = [None, "héllo ✓ 漢字 🎉", {"nested": [1, 2.5, True, None, {"k": "v"}]}, [], 0]
+        sent = [(await broker.publish(topic, encoded(p), now_ms()), p) for p in payloads]
+
+        received = await inbox.wait_count(topic, len(sent))
+        for notification, (accepted, data) in zip(received, sent, strict=True):
+            assert_frame(notification, accepted, data)
+
+
+async def test_unsubscribed_topic_receives_nothing_more(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        topic, marker = fresh(), fresh("marker")
+        await broker.subscribe(topic)
+        await broker.subscribe(marker)
+        first = await broker.publish(topic, b'"before"', now_ms())
+        await inbox.wait_count(topic, 1)
+
+        await broker.unsubscribe(topic)
+        await broker.publish(topic, b'"after"', now_ms())
+        mark = await broker.publish(marker, b'"marker"', now_ms())
+        # The marker is published after the notification that must not arrive: once it is
+        # here, that one would have been too.
+        await inbox.wait_count(marker, 1)
+
+        assert [n.id for n in inbox.of(topic)] == [first.id]
+        assert [n.id for n in inbox.of(marker)] == [mark.id]
+
+
+async def test_repeated_idempotency_key_returns_first_answer_and_delivers_once(
+    make_broker: MakeBroker,
+) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        topic, key = fresh(), uuid.uuid4().hex
+        await broker.subscribe(topic)
+        first = await broker.publish(topic, b'{"v": 1}', now_ms(), key)
+        again = await broker.publish(topic, b'{"v": 2}', now_ms() + 5, key)
+        assert first.repeated is False
+        assert again.repeated is True
+        assert (again.id, again.topic, again.ts) == (first.id, first.topic, first.ts)
+
+        other = await broker.publish(topic, b'{"v": 3}', now_ms(), uuid.uuid4().hex)
+        assert other.repeated is False and other.id > first.id
+        await inbox.wait_count(topic, 2)
+        received = inbox.of(topic)
+        assert [n.id for n in received] == [first.id, other.id]
+        assert_frame(received[0], first, {"v": 1})
+
+
+async def test_publish_right_after_subscribe_returns_is_received(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        for i in range(20):
+            topic = fresh()  # a new topic each time: every subscribe is a first subscription
+            await broker.subscribe(topic)
+            accepted = await broker.publish(topic, encoded(i), now_ms())
+            (notification,) = await inbox.wait_count(topic, 1)
+            assert_frame(notification, accepted, i)
+
+
+# -- the node over each broker ----------------------------------------------------------------
+
+
+class RecordingBroker:
+    """A real broker, with a log of the subscribe / unsubscribe calls the node makes on it."""
+
+    def __init__(self, inner: Broker) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # everything else goes straight to the real broker
+
+    async def subscribe(self, topic: str) -> None:
+        self.calls.append(("subscribe", topic))
+        await self.inner.subscribe(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self.calls.append(("unsubscribe", topic))
+        await self.inner.unsubscribe(topic)
+
+
+PRINCIPAL = Principal(sub="alice", scopes=frozenset({"subscribe", "publish"}), topics=None, exp=None)
+
+
+def connection(metrics: Metrics) -> Connection:
+    return Connection(PRINCIPAL, 1 << 20, metrics.dropped_slow.inc)
+
+
+def queued_notifications(conn: Connection) -> list[dict[str, Any]]:
+    """The notification frames waiting in ``conn``'s outbound queue (no writer runs here)."""
+    return [json.loads(text) for text, _size, ts, *_ in conn.queue if ts]
+
+
+async def wait_queued(conn: Connection, count: int) -> list[dict[str, Any]]:
+    await eventually(lambda: len(queued_notifications(conn)) >= count, f"{count} notifications queued")
+    return queued_notifications(conn)
+
+
+@asynccontextmanager
+async def running_node(make_broker: MakeBroker) -> AsyncIterator[tuple[Node, RecordingBroker]]:
+    broker = RecordingBroker(make_broker())
+    node = Node(broker, Metrics())
+    await node.start()
+    try:
+        await eventually(lambda: broker.connected, "the broker to connect")
+        yield node, broker
+    finally:
+        await node.close()
+
+
+async def test_node_concurrent_first_subscribers_both_receive_and_last_unsubscribe_releases_topic(
+    make_broker: MakeBroker, broker_kind: str, broker_url: str
+) -> None:
+    async with running_node(make_broker) as (node, broker):
+        topic = fresh()
+        one, two = connection(node.metrics), connection(node.metrics)
+        await asyncio.gather(node.subscribe(one, [topic]), node.subscribe(two, [topic]))
+
+        accepted = await node.publish(PRINCIPAL, topic, b'{"n": 1}')
+        expected = {"type": "notification", "id": str(accepted.id), "topic": topic, "data": {"n": 1}}
+        for conn in (one, two):
+            assert await wait_queued(conn, 1) == [{**expected, "ts": accepted.ts}]
+        if broker_kind == "redis":
+            assert await numsub(broker_url, topic) == 1
+
+        await asyncio.gather(node.unsubscribe(one, [topic]), node.unsubscribe(two, [topic]))
+        # One broker subscription for the two local subscribers, released after the last left.
+        assert broker.calls == [("subscribe", topic), ("unsubscribe", topic)]
+        assert node.hub.count(topic) == 0
+        if broker_kind == "redis":
+            await eventually_async(lambda: _numsub_is(broker_url, topic, 0), "PUBSUB NUMSUB to reach 0")
+
+        one.take()
+        await node.subscribe(one, [topic])
+        again = await node.publish(PRINCIPAL, topic, b'"again"')
+        assert [f["id"] for f in await wait_queued(one, 1)] == [str(again.id)]
+        assert queued_notifications(two) == [{**expected, "ts": accepted.ts}]
+        if broker_kind == "redis":
+            assert await numsub(broker_url, topic) == 1
+
+
+async def _numsub_is(url: str, topic: str, expected: int) -> bool:
+    return await numsub(url, topic) == expected
+
+
+async def test_node_last_unsubscribe_racing_a_new_first_subscriber_keeps_the_topic(
+    make_broker: MakeBroker,
+) -> None:
+    async with running_node(make_broker) as (node, _broker):
+        topic = fresh()
+        leaving, arriving = connection(node.metrics), connection(node.metrics)
+        await node.subscribe(leaving, [topic])
+        await asyncio.gather(node.unsubscribe(leaving, [topic]), node.subscribe(arriving, [topic]))
+
+        accepted = await node.publish(PRINCIPAL, topic, b'"still here"')
+        assert [f["id"] for f in await wait_queued(arriving, 1)] == [str(accepted.id)]
+        assert queued_notifications(leaving) == []
+
+
+# -- Redis only: two nodes on one server, and an outage ---------------------------------------
+
+
+@pytest.mark.redis
+async def test_two_redis_brokers_share_one_strictly_increasing_id_sequence(redis_server: RedisServer) -> None:
+    a, b = RedisBroker(redis_server.url), RedisBroker(redis_server.url)
+    async with running(a), running(b):
+        topic = fresh()
+        ids = [(await (a, b)[i % 2].publish(topic, encoded(i), now_ms())).id for i in range(30)]
+        assert strictly_increasing(ids), ids
+
+
+@pytest.mark.redis
+async def test_notification_published_by_one_redis_broker_reaches_the_others_subscriber(
+    redis_server: RedisServer,
+) -> None:
+    a, b = RedisBroker(redis_server.url), RedisBroker(redis_server.url)
+    async with running(a) as inbox_a, running(b) as inbox_b:
+        topic, only_b = fresh(), fresh("only-b")
+        await a.subscribe(topic)
+        await b.subscribe(topic)
+        await b.subscribe(only_b)
+
+        sent: list[tuple[Accepted, Any]] = [
+            (await (a, b)[i % 2].publish(topic, encoded({"i": i}), now_ms()), {"i": i}) for i in range(10)
+        ]
+        solo = await a.publish(only_b, b'"for b"', now_ms())
+        marker = await b.publish(topic, b'"marker"', now_ms())
+        sent.append((marker, "marker"))
+
+        for inbox in (inbox_a, inbox_b):
+            received = await inbox.wait_count(topic, len(sent))
+            assert len(received) == len(sent)  # each exactly once
+            for notification, (accepted, data) in zip(received, sent, strict=True):
+                assert_frame(notification, accepted, data)
+        (delivered,) = await inbox_b.wait_count(only_b, 1)
+        assert_frame(delivered, solo, "for b")
+        assert inbox_a.of(only_b) == []
+
+
+@pytest.mark.redis
+async def test_redis_subscribe_and_idempotency_hold_across_brokers(redis_server: RedisServer) -> None:
+    a, b = RedisBroker(redis_server.url), RedisBroker(redis_server.url)
+    async with running(a), running(b) as inbox_b:
+        for _ in range(10):
+            topic = fresh()
+            await b.subscribe(topic)
+            key = uuid.uuid4().hex
+            first = await a.publish(topic, b'"once"', now_ms(), key)
+            again = await b.publish(topic, b'"twice"', now_ms(), key)
+            assert again.repeated and (again.id, again.ts) == (first.id, first.ts)
+            (notification,) = await inbox_b.wait_count(topic, 1)
+            assert_frame(notification, first, "once")
+
+
+@pytest.mark.redis
+async def test_redis_subscribe_returns_only_once_active_even_over_a_slow_link(
+    redis_server: RedisServer,
+) -> None:
+    async with SlowLink(redis_server.port, 0.2) as link:
+        slow, direct = RedisBroker(link.url), RedisBroker(redis_server.url)
+        async with running(slow) as inbox, running(direct):
+            for i in range(3):
+                topic = fresh()
+                await slow.subscribe(topic)
+                # Published straight to Redis the moment subscribe returns: had the SUBSCRIBE
+                # still been on its way, this notification would be lost.
+                accepted = await direct.publish(topic, encoded(i), now_ms())
+                (notification,) = await inbox.wait_count(topic, 1, timeout=3)
+                assert_frame(notification, accepted, i)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_redis_broker_reconnects_and_resubscribes_after_an_outage() -> None:
+    server = RedisServer()  # a dedicated server: stopping the session one would break other tests
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        broker = RedisBroker(server.url)
+        async with running(broker) as inbox:
+            topic = fresh()
+            await broker.subscribe(topic)
+            before = await broker.publish(topic, b'"before"', now_ms())
+            (notification,) = await inbox.wait_count(topic, 1)
+            assert_frame(notification, before, "before")
+
+            await anyio.to_thread.run_sync(server.stop)
+            await inbox.wait_for(lambda: not broker.connected, "the broker to notice the outage", 5)
+            assert inbox.states == [True, False]
+
+            started = time.monotonic()
+            with anyio.fail_after(3), pytest.raises(BrokerUnavailable):
+                await broker.publish(topic, b'"lost"', now_ms())
+            assert time.monotonic() - started < 3
+            with anyio.fail_after(3), pytest.raises(BrokerUnavailable):
+                await broker.subscribe(fresh())
+
+            await anyio.to_thread.run_sync(server.start)  # the same port again
+            await inbox.wait_for(lambda: broker.connected, "the broker to reconnect by itself", 20)
+            assert inbox.states == [True, False, True]
+
+            # No new subscribe: the broker resubscribed its topic itself.
+            after = await broker.publish(topic, b'"after"', now_ms())
+            await inbox.wait_count(topic, 2)
+            received = inbox.of(topic)
+            assert len(received) == 2
+            assert_frame(received[1], after, "after")
+            assert after.id > before.id  # ids keep increasing across the outage
+    finally:
+        await anyio.to_thread.run_sync(server.stop)

@@ -1,0 +1,364 @@
+"""The ``notifier`` command as a user runs it: real processes, real servers, real output.
+
+Every command runs in an empty temporary directory (no ``.env`` can leak in) with no
+``NOTIFIER_*`` variable but the ones a test sets. Output is read with deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import jwt
+import pytest
+from conftest import SECRET, mint_token
+from support import Instance, free_port, wait_until
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.slow
+
+DEADLINE = 15.0
+JWT_RE = r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """The environment without any ``NOTIFIER_*`` variable, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+    env.update(variables)
+    return env
+
+
+def notifier(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``notifier ARGS...`` to completion (with a deadline)."""
+    return subprocess.run(
+        [sys.executable, "-m", "notifier", *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """A failed command: non-zero status, exactly one line on stderr, no traceback."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == "", result.stdout
+    return lines[0]
+
+
+class Lines:
+    """Reads a pipe in a thread so that a test can wait for the next line with a deadline."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, timeout: float = DEADLINE) -> str:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no output line within {timeout}s (so far: {self.seen!r})")
+        if line is None:
+            pytest.fail(f"the output ended (so far: {self.seen!r})")
+        self.seen.append(line)
+        return line
+
+    def until(self, pattern: str, timeout: float = DEADLINE) -> re.Match[str]:
+        """Read lines until one matches ``pattern``; its match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.next(max(0.0, deadline - time.monotonic())))
+            if match:
+                return match
+
+    def rest(self) -> str:
+        """Everything read so far plus what is left (once the pipe is closed)."""
+        self._thread.join(5)
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.seen.append(line)
+        return "".join(self.seen)
+
+
+class Process:
+    """A long-running ``notifier`` command with both outputs read line by line."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "notifier", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdout, self.stderr = Lines(self.proc.stdout), Lines(self.proc.stderr)
+
+    def signal(self, signum: int, timeout: float = DEADLINE) -> int:
+        """Send ``signum`` to the process group; its exit status (fails after ``timeout``)."""
+        status = self._stop(signum, timeout)
+        if status is None:
+            pytest.fail(f"the process did not exit within {timeout}s of signal {signum}")
+        return status
+
+    def _stop(self, signum: int, timeout: float) -> int | None:
+        """Signal the group and wait; SIGKILL after ``timeout`` (then None)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signum)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            return None
+
+    def close(self) -> None:
+        self._stop(signal.SIGTERM, DEADLINE)
+        self.stdout.rest()
+        self.stderr.rest()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextmanager
+def process(args: list[str], cwd: Path, env: dict[str, str]) -> Iterator[Process]:
+    started = Process(args, cwd, env)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Instance]:
+    """One instance (memory broker) that the client commands talk to."""
+    instance = Instance({"NOTIFIER_BROKER_URL": "memory://", "NOTIFIER_JWT_SECRET": SECRET})
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        instance.log.close()
+        os.unlink(instance.log.name)
+
+
+@pytest.fixture
+def publisher() -> str:
+    return mint_token("backend", ("publish",))
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def test_serve_without_a_secret_warns_and_prints_a_working_dev_token_and_demo_url(tmp_path: Path) -> None:
+    port = free_port()
+    with process(["serve", "--port", str(port)], tmp_path, clean_env()) as serve:
+        warning = serve.stderr.until(r"NOTIFIER_JWT_SECRET", DEADLINE)
+        assert "warn" in warning.string.lower()
+
+        demo = serve.stdout.until(rf"http://127\.0\.0\.1:{port}/#token=({JWT_RE})\s*$")
+        token = demo.group(1)
+        printed = [line for line in serve.stdout.seen if token in line and line != demo.string]
+        assert printed, f"the dev token itself is printed too: {serve.stdout.seen!r}"
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["sub"] == "dev"
+        assert set(claims["scope"].split()) == {"subscribe", "publish"}
+        assert "topics" not in claims
+
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        with connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}&topics=news", open_timeout=5) as ws:
+            hello = json.loads(ws.recv(timeout=DEADLINE))
+            assert hello["type"] == "hello" and hello["user"] == "dev" and "news" in hello["topics"]
+
+            response = httpx.post(
+                url + "/v1/notifications",
+                json={"topic": "news", "data": {"title": "hi"}},
+                headers={"authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            assert response.status_code == 202, response.text
+            answer = response.json()
+            assert json.loads(ws.recv(timeout=DEADLINE)) == {
+                "type": "notification",
+                "id": answer["id"],
+                "topic": "news",
+                "data": {"title": "hi"},
+                "ts": answer["ts"],
+            }
+
+
+def test_serve_exits_with_status_0_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(NOTIFIER_JWT_SECRET=SECRET, NOTIFIER_SHUTDOWN_TIMEOUT="2")
+    with process(["serve", "--port", str(port)], tmp_path, env) as serve:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        started = time.monotonic()
+        status = serve.signal(signal.SIGTERM, 2 + 5)  # within NOTIFIER_SHUTDOWN_TIMEOUT + 5 s
+        assert time.monotonic() - started < 7
+        assert status == 0, f"exit status {status}; stderr: {serve.stderr.rest()}"
+
+
+# -- token --------------------------------------------------------------------------------------
+
+
+def test_token_prints_a_jwt_signed_with_the_secret_carrying_the_claims(tmp_path: Path) -> None:
+    issued = int(time.time())
+    result = notifier(
+        "token", "--sub", "alice", "--scope", "subscribe", "--topic", "room:*", "--ttl", "60",
+        cwd=tmp_path, env=clean_env(NOTIFIER_JWT_SECRET=SECRET),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert re.fullmatch(JWT_RE, token), result.stdout
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["scope"].split() == ["subscribe"]
+    assert claims["topics"] == ["room:*"]
+    assert issued + 60 - 2 <= claims["exp"] <= int(time.time()) + 60 + 2
+
+
+def test_token_with_both_scopes_and_no_topic_may_publish_anywhere(tmp_path: Path) -> None:
+    result = notifier(
+        "token", "--sub", "svc", "--scope", "subscribe", "--scope", "publish",
+        cwd=tmp_path, env=clean_env(NOTIFIER_JWT_SECRET=SECRET),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert set(claims["scope"].split()) == {"subscribe", "publish"}
+    assert "topics" not in claims
+    assert claims["exp"] > time.time() + 3000  # the default ttl is an hour
+
+
+def test_token_without_a_secret_fails_with_one_line(tmp_path: Path) -> None:
+    result = notifier("token", "--sub", "alice", "--scope", "subscribe", cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert "NOTIFIER_JWT_SECRET" in line
+
+
+# -- publish ------------------------------------------------------------------------------------
+
+
+def test_publish_prints_the_json_answer(server: Instance, publisher: str, tmp_path: Path) -> None:
+    result = notifier(
+        "publish", "news", '{"title": "hi"}', "--url", server.url, "--token", publisher, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert set(answer) == {"id", "topic", "ts"}
+    assert answer["id"].isdigit() and answer["topic"] == "news"
+    assert abs(answer["ts"] - time.time() * 1000) < 60_000
+
+
+def test_publish_takes_url_and_token_from_the_environment(
+    server: Instance, publisher: str, tmp_path: Path
+) -> None:
+    env = clean_env(NOTIFIER_URL=server.url, NOTIFIER_TOKEN=publisher)
+    result = notifier("publish", "news", "null", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["topic"] == "news"
+
+
+def test_publish_with_a_bad_token_fails_with_one_line_saying_401(server: Instance, tmp_path: Path) -> None:
+    bad = mint_token("backend", ("publish",), secret="not-the-secret-0123456789abcdef0123")
+    result = notifier("publish", "news", "{}", "--url", server.url, "--token", bad, cwd=tmp_path)
+    assert "401" in assert_one_line_error(result)
+
+
+def test_publish_to_an_unreachable_server_fails_with_one_line(publisher: str, tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = notifier("publish", "news", "{}", "--url", nobody, "--token", publisher, cwd=tmp_path)
+    assert_one_line_error(result)
+
+
+@pytest.mark.parametrize("data", ["{not json", ""])
+def test_publish_with_invalid_json_data_fails_with_one_line(
+    server: Instance, publisher: str, tmp_path: Path, data: str
+) -> None:
+    result = notifier("publish", "news", data, "--url", server.url, "--token", publisher, cwd=tmp_path)
+    assert_one_line_error(result)
+
+
+# -- subscribe ----------------------------------------------------------------------------------
+
+
+def test_subscribe_prints_each_notification_as_one_json_line_at_once(
+    server: Instance, publisher: str, tmp_path: Path
+) -> None:
+    wait_until(lambda: server.metric("notifier_connections") == 0, DEADLINE, "no connection on the server")
+    token = mint_token("reader", ("subscribe",))
+    args = ["subscribe", "news", "--url", server.url, "--token", token]
+    with process(args, tmp_path, clean_env()) as subscriber:
+        wait_until(lambda: server.metric("notifier_connections") == 1, DEADLINE, "the subscriber to connect")
+
+        sent: list[tuple[dict[str, Any], Any]] = []
+        for data in ({"title": "first"}, None):
+            result = notifier(
+                "publish", "news", json.dumps(data), "--url", server.url, "--token", publisher, cwd=tmp_path
+            )
+            assert result.returncode == 0, result.stderr
+            sent.append((json.loads(result.stdout), data))
+            # Read while the subscriber still runs: the line must have been flushed at once.
+            line = subscriber.stdout.next()
+            assert line.endswith("\n") and line.count("\n") == 1
+            answer = sent[-1][0]
+            assert json.loads(line) == {
+                "type": "notification",
+                "id": answer["id"],
+                "topic": "news",
+                "data": data,
+                "ts": answer["ts"],
+            }
+        assert subscriber.proc.poll() is None
+
+        subscriber.signal(signal.SIGINT)
+        assert "Traceback" not in subscriber.stderr.rest()
+
+
+def test_subscribe_with_a_bad_token_fails_with_one_line_saying_403(server: Instance, tmp_path: Path) -> None:
+    bad = mint_token("reader", ("subscribe",), secret="not-the-secret-0123456789abcdef0123")
+    result = notifier("subscribe", "news", "--url", server.url, "--token", bad, cwd=tmp_path)
+    assert "403" in assert_one_line_error(result)
+
+
+def test_subscribe_to_an_unreachable_server_fails_with_one_line(tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = notifier("subscribe", "news", "--url", nobody, "--token", mint_token("reader"), cwd=tmp_path)
+    assert_one_line_error(result)
