@@ -91,6 +91,14 @@ return {answer, 0}
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
+def _check_cancelled() -> None:
+    """Re-raise a cancellation that redis-py turned into a ConnectionError (it does, on a read
+    cut short): swallowing it would leave a task that never ends, a close() that hangs."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
@@ -123,6 +131,8 @@ class RedisBroker:
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
         self._listener: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
+        # Set by close(): the background loops stop on it even if a cancellation was swallowed.
+        self._stop = asyncio.Event()
         # The probe: this node publishes to a channel of its own and expects it back on its
         # subscription. A link that looks healthy but delivers nothing is caught this way.
         self._probe_channel = f"{PROBE_PREFIX}{uuid.uuid4().hex}".encode()
@@ -139,6 +149,7 @@ class RedisBroker:
         self._prober = asyncio.create_task(self._probe(), name="notifier-redis-probe")
 
     async def close(self) -> None:
+        self._stop.set()
         for task in (self._prober, self._listener):
             if task is not None:
                 task.cancel()
@@ -164,6 +175,7 @@ class RedisBroker:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 answer, outcome = await self._script(keys=keys, args=args)
         except _REDIS_ERRORS as exc:
+            _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
         if outcome == 2:
             raise BrokerUnavailable("redis: too slow to answer; nothing published")
@@ -183,6 +195,7 @@ class RedisBroker:
                     pipe.get(EPOCH_KEY)
                     entries, trimmed, epoch = await pipe.execute()
         except _REDIS_ERRORS as exc:
+            _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
         if since is None:
             entries.reverse()
@@ -217,6 +230,7 @@ class RedisBroker:
                 await getattr(pubsub, kind)(channel)
                 await waiter
         except (*_REDIS_ERRORS, BrokerUnavailable) as exc:
+            _check_cancelled()
             if kind == "subscribe":
                 self._topics.discard(topic)
             raise BrokerUnavailable(f"redis: {kind} failed: {exc or type(exc).__name__}") from None
@@ -235,6 +249,7 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure ends the session; we go on
+                _check_cancelled()
                 if self._was_connected:
                     log.warning("redis pub/sub link lost: %s; reconnecting", exc or type(exc).__name__)
                 else:
@@ -242,7 +257,8 @@ class RedisBroker:
             if self._was_connected:
                 backoff = BACKOFF_MIN
             self._was_connected = False
-            await asyncio.sleep(backoff)
+            if await self._stopped_within(backoff):
+                return
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _session(self) -> None:
@@ -307,16 +323,25 @@ class RedisBroker:
         """Every few seconds: measure Redis's clock, publish a probe, and restart the pub/sub
         session if the probe cannot be published or does not come back."""
         seq = 0
-        while True:
+        while not self._stop.is_set():
             if not self.connected:
-                await asyncio.sleep(0.1)  # probe (and measure the clock) as soon as it is up
+                await self._stopped_within(0.1)  # probe (and measure the clock) as soon as it is up
                 continue
             seq += 1
             if not await self._probe_once(str(seq).encode()) and self.connected:
                 log.warning("redis pub/sub link silent: no probe back in %.0f s; reconnecting", PROBE_TIMEOUT)
                 self.probe_lag = None
                 await self._restart_listener()
-            await asyncio.sleep(PROBE_INTERVAL)
+            await self._stopped_within(PROBE_INTERVAL)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if the broker is closed meanwhile; True when closed."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            _check_cancelled()
+        return self._stop.is_set()
 
     async def _probe_once(self, token: bytes) -> bool:
         self._probe_sent = {token: time.monotonic()}
@@ -328,8 +353,10 @@ class RedisBroker:
                 self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
                 await self._pub.publish(self._probe_channel, token)
         except TimeoutError:
+            _check_cancelled()
             return False  # Redis does not answer: as bad as a silent link
         except _REDIS_ERRORS as exc:
+            _check_cancelled()
             log.debug("probe not published: %r", exc)
             return True  # Redis refused or is unreachable: the listener sees to that by itself
         deadline = time.monotonic() + PROBE_TIMEOUT
@@ -338,6 +365,8 @@ class RedisBroker:
         return token not in self._probe_sent
 
     async def _restart_listener(self) -> None:
+        if self._stop.is_set():
+            return
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
