@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import orjson
 from pydantic import SecretStr
@@ -22,8 +24,15 @@ from notifier.settings import ConfigError, Settings, load_client_settings, load_
 DEV_SUB = "dev"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr (not the usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="notifier", description="Real-time notification service")
+    parser = _Parser(prog="notifier", description="Real-time notification service")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run one instance")
@@ -36,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--topic", action="append", help="glob pattern of allowed topics (repeatable)")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
 
-    publish = commands.add_parser("publish", help="publish one notification")
-    publish.add_argument("topic")
-    publish.add_argument("data", help="the notification's data, as JSON")
+    publish = commands.add_parser("publish", help="publish one notification, print the answer")
+    publish.add_argument("topic", metavar="TOPIC")
+    publish.add_argument("data", metavar="DATA_JSON", help="the notification's data, as JSON")
     publish.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
     publish.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
 
@@ -46,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument("topics", nargs="+", metavar="TOPIC")
     subscribe.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
     subscribe.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
-    subscribe.add_argument("--since", help="resume after this notification id")
+    subscribe.add_argument("--since", metavar="ID", help="resume after this notification id")
     return parser
 
 
@@ -120,14 +129,18 @@ def _token(args: argparse.Namespace) -> int:
 
 def _publish(args: argparse.Namespace) -> int:
     from notifier.client import publish
+    from notifier.protocol import valid_topic
 
     client = load_client_settings(url=args.url, token=args.token)
+    _check_url(client.url)
+    if not valid_topic(args.topic):
+        raise ConfigError(f"TOPIC: invalid topic name {args.topic!r} (letters, digits, _ . : -; at most 128)")
     try:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"DATA_JSON: not valid JSON: {exc}") from None
     answer = asyncio.run(publish(client.url, client.token, args.topic, data))
-    print(orjson.dumps(answer).decode())
+    print(orjson.dumps(answer).decode(), flush=True)
     return 0
 
 
@@ -138,16 +151,37 @@ def _subscribe(args: argparse.Namespace) -> int:
     client = load_client_settings(url=args.url, token=args.token)
     for topic in args.topics:
         if not valid_topic(topic):
-            raise ConfigError(f"TOPIC: invalid topic name {topic!r}")
+            raise ConfigError(f"TOPIC: invalid topic name {topic!r} (letters, digits, _ . : -; at most 128)")
     try:
         parse_since(args.since)
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
+    _check_url(client.url)
+    # Reconnections are worth a line on stderr; stdout stays pure JSON lines.
+    reports = logging.StreamHandler(sys.stderr)
+    reports.setFormatter(logging.Formatter("notifier: %(message)s"))
+    client_log = logging.getLogger("notifier.client")
+    client_log.addHandler(reports)
+    client_log.setLevel(logging.INFO)
+    client_log.propagate = False
 
     async def run() -> None:
-        async for frame in subscribe(client.url, client.token, args.topics, args.since):
-            sys.stdout.write(orjson.dumps(frame).decode() + "\n")
-            sys.stdout.flush()
+        async with subscribe(client.url, client.token, args.topics, args.since) as notifications:
+            async for frame in notifications:
+                sys.stdout.write(orjson.dumps(frame).decode() + "\n")
+                sys.stdout.flush()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except BrokenPipeError:  # `notifier subscribe news | head -1`: the reader left, so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _check_url(url: str) -> None:
+    from notifier.client import http_url
+
+    try:
+        http_url(url)
+    except ClientError as exc:
+        raise ConfigError(f"--url / NOTIFIER_URL: {exc}") from None

@@ -1,93 +1,416 @@
-"""A Python client: ``publish()`` over HTTP and ``subscribe()``, an async iterator that reconnects
-and resumes with ``since`` so a blip loses nothing the server still holds."""
+"""The Python client: publish over HTTP, subscribe over a WebSocket that reconnects and resumes.
+
+::
+
+    import asyncio
+    from notifier.client import Client
+
+    async def main() -> None:
+        async with Client("http://127.0.0.1:8000", token) as client:
+            await client.publish("news", {"title": "hello"})
+            async for notification in client.subscribe(["news"]):
+                print(notification["id"], notification["data"])
+
+    asyncio.run(main())
+
+:meth:`Client.subscribe` yields notification frames forever: when the connection drops (a
+draining instance closes with 1001, a slow consumer gets 1013, the network fails...) it
+reconnects with exponential backoff and jitter and passes ``since=<last id seen>``, so nothing
+the deployment still retains is missed. It stops with :class:`ClientError` only when going on
+cannot help: the server refused the token or a topic (401/403), or the very first connection
+could not be made. The module-level :func:`publish` and :func:`subscribe` are one-call shortcuts.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+log = logging.getLogger("notifier.client")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TOKEN_EXPIRED = 1008  # the server's close code for a token that expired during the session
+UNAVAILABLE = 503  # draining or full instance, broker down: worth another try
+Frame = dict[str, Any]
+TokenSource = Callable[[], Awaitable[str]]
 
 
 class ClientError(Exception):
-    """A request the server refused, or a server that cannot be reached; ``str()`` says which."""
+    """A request the server refused, or a server that cannot be reached; ``str()`` says which.
+
+    ``status`` is the HTTP status (of the POST, or of the refused WebSocket handshake) when
+    there was one.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        detail = None
-    return f"{response.status_code} {response.reason_phrase}" + (f": {detail}" if detail else "")
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+class Client:
+    """One notifier deployment, reached at ``url`` with a bearer ``token``.
+
+    ``get_token``, if given, is awaited for a fresh token whenever the current one is about to
+    expire: the HTTP requests use the new one and open subscriptions send it as a ``refresh``
+    frame, so they outlive the token they started with. Use it as an async context manager, or
+    call :meth:`aclose`, to release the HTTP connection pool.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        get_token: TokenSource | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.url = http_url(url)
+        self.token = token
+        self.get_token = get_token
+        self.timeout = timeout
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool (subscriptions close on their own)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def publish(self, topic: str, data: Any, *, idempotency_key: str | None = None) -> Frame:
+        """Publish one notification; the server's answer ``{"id", "topic", "ts"}``.
+
+        ``data`` is any JSON value (``None`` too). With ``idempotency_key``, a retry that repeats
+        the key within 5 minutes gets the first answer again and delivers nothing twice, so a
+        publish that timed out can be retried safely. Raises :class:`ClientError`.
+        """
+        headers = {"content-type": "application/json"}
+        if idempotency_key is not None:
+            headers["idempotency-key"] = idempotency_key
+        body = orjson.dumps({"topic": topic, "data": data})
+        response = await self._request("POST", "/v1/notifications", content=body, headers=headers)
+        if response.status_code != 202:
+            raise ClientError(_describe(response), response.status_code)
+        answer: Frame = response.json()
+        return answer
+
+    async def history(
+        self, topic: str, *, since: str | int | None = None, limit: int | None = None
+    ) -> list[Frame]:
+        """Retained notifications of ``topic``, oldest first (needs the subscribe scope).
+
+        With ``since``: the first ``limit`` after that id; without: the last ``limit``.
+        """
+        params = {k: str(v) for k, v in (("since", since), ("limit", limit)) if v is not None}
+        response = await self._request("GET", f"/v1/topics/{topic}/notifications", params=params)
+        if response.status_code != 200:
+            raise ClientError(_describe(response), response.status_code)
+        notifications: list[Frame] = response.json()["notifications"]
+        return notifications
+
+    def subscribe(
+        self,
+        topics: Iterable[str] = (),
+        *,
+        since: str | int | None = None,
+        min_delay: float = 0.5,
+        max_delay: float = 30.0,
+    ) -> Subscription:
+        """Notifications of ``topics`` (plus ``broadcast`` and the token's own ``user:<sub>``).
+
+        See :class:`Subscription`; ``since`` resumes after that id.
+        """
+        return Subscription(
+            self.url, self.token, topics, since,
+            get_token=self.get_token, min_delay=min_delay, max_delay=max_delay, open_timeout=self.timeout,
+        )  # fmt: skip
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.get_token is not None and _expires_within(self.token, 5.0):
+            self.token = await self.get_token()
+        headers: dict[str, str] = kwargs.pop("headers", {})
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.timeout)
+        try:
+            return await self._http.request(method, self.url + path, headers=headers, **kwargs)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ClientError(f"cannot reach {self.url}: {_reason(exc)}") from None
 
 
 async def publish(
     url: str, token: str | None, topic: str, data: Any, idempotency_key: str | None = None
-) -> dict[str, Any]:
+) -> Frame:
     """POST one notification; the server's answer (``id``, ``topic``, ``ts``) or :class:`ClientError`."""
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    if idempotency_key:
-        headers["idempotency-key"] = idempotency_key
-    body = orjson.dumps({"topic": topic, "data": data})
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.post(url.rstrip("/") + "/v1/notifications", content=body, headers=headers)
-    except httpx.HTTPError as exc:
-        raise ClientError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
-    if response.status_code != 202:
-        raise ClientError(_detail(response))
-    answer: dict[str, Any] = response.json()
-    return answer
+    async with Client(url, token) as client:
+        return await client.publish(topic, data, idempotency_key=idempotency_key)
 
 
-def ws_url(url: str, token: str | None, topics: list[str], since: str | None) -> str:
-    base = url.rstrip("/")
-    if base.startswith("http"):
-        base = "ws" + base[4:]
+def subscribe(
+    url: str, token: str | None, topics: Iterable[str], since: str | int | None = None
+) -> Subscription:
+    """Shortcut for ``Client(url, token).subscribe(topics, since=since)``."""
+    return Subscription(url, token, topics, since)
+
+
+# -- WebSocket ---------------------------------------------------------------------------------
+
+
+class Subscription:
+    """An async iterator of notification frames that survives disconnections.
+
+    Each frame is the server's ``{"type": "notification", "id", "topic", "data", "ts"}``.
+    After a drop it reconnects (backoff from ``min_delay`` doubling to ``max_delay``, with
+    jitter) with ``since`` = :attr:`last_id`, so the server replays what was missed, oldest
+    first, before live notifications: no gap, no duplicate, as far as history reaches
+    (:attr:`recovered` is False when it did not reach far enough).
+
+    Raises :class:`ClientError` when the server refuses the token or a topic (HTTP 401/403
+    handshake, or a 1008 close for an expired token with no ``get_token``), or when the first
+    connection cannot be made. A 503 (instance draining or full, broker down) is retried.
+    Close it with :meth:`aclose` or ``async with``; breaking out of ``async for`` and
+    cancellation close the socket too.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        topics: Iterable[str] = (),
+        since: str | int | None = None,
+        *,
+        get_token: TokenSource | None = None,
+        min_delay: float = 0.5,
+        max_delay: float = 30.0,
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.requested = list(topics)
+        self.get_token = get_token
+        self.min_delay, self.max_delay, self.open_timeout = min_delay, max_delay, open_timeout
+        self.last_id: str | None = None if since is None else str(since)
+        """The id of the newest notification yielded (or the ``since`` given): where a resume starts."""
+        self.recovered: bool | None = None
+        """``hello.recovered`` of the last connection that resumed, None before any resume."""
+        self.session: str | None = None
+        self.topics: list[str] = []
+        """Every topic of the current connection, automatic ones included (from ``hello``)."""
+        self.connected = asyncio.Event()
+        """Set while a connection is open and its ``hello`` has arrived."""
+        self.connections = 0
+        """How many connections reached ``hello`` so far."""
+        self._attempt = 0  # failures since the last hello: the backoff exponent
+        self._frames = self._run()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Frame:
+        return await self._frames.__anext__()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection and stop; iterating afterwards ends at once."""
+        await self._frames.aclose()
+
+    async def _run(self) -> AsyncGenerator[Frame, None]:
+        while True:
+            if self.get_token is not None and _expires_within(self.token, 1.0):
+                await self._renew()
+            url = ws_url(self.url, self.token, self.requested, self.last_id)
+            closed: tuple[int, str] | None = None
+            why = ""
+            try:
+                async with connect(url, max_size=None, open_timeout=self.open_timeout) as ws:
+                    refresher = asyncio.create_task(self._refresh(ws)) if self.get_token else None
+                    try:
+                        async for raw in ws:
+                            frame: Frame = orjson.loads(raw)
+                            kind = frame.get("type")
+                            if kind == "notification":
+                                if _after(frame["id"], self.last_id):
+                                    self.last_id = frame["id"]
+                                yield frame
+                            elif kind == "hello":
+                                self._hello(frame)
+                            elif kind == "error":
+                                log.warning("server error: %s: %s", frame.get("code"), frame.get("message"))
+                    finally:
+                        self.connected.clear()
+                        if refresher is not None:
+                            refresher.cancel()
+                            await asyncio.gather(refresher, return_exceptions=True)
+                closed = (ws.close_code or 1006, ws.close_reason or "")
+            except ConnectionClosed as exc:  # an abnormal close (1006, 1008, 1013...)
+                closed = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (1006, "")
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status != UNAVAILABLE and (status < 500 or not self.connections):
+                    raise ClientError(
+                        f"handshake refused: HTTP {status}{_body_detail(exc)}", status
+                    ) from None
+                why = f"handshake refused: HTTP {status}"
+            except InvalidURI as exc:
+                raise ClientError(f"invalid URL {self.url!r}: {exc}") from None
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                if not self.connections:
+                    raise ClientError(f"cannot reach {self.url}: {_reason(exc)}") from None
+                why = f"cannot reach {self.url}: {_reason(exc)}"
+            if closed is not None:
+                why = await self._closed(*closed)
+            await self._backoff(why)
+
+    async def _closed(self, code: int, reason: str) -> str:
+        """After a close: why, for the log; raises when reconnecting cannot help."""
+        if code == TOKEN_EXPIRED:
+            if self.get_token is None:
+                raise ClientError(f"token expired: the server closed the connection ({code})")
+            await self._renew()
+        return f"connection closed ({code}{' ' + reason if reason else ''})"
+
+    async def _backoff(self, why: str) -> None:
+        delay = min(self.max_delay, self.min_delay * 2**self._attempt) * random.uniform(0.5, 1.0)
+        self._attempt += 1
+        after = f" (resuming after id {self.last_id})" if self.last_id else ""
+        log.warning("%s; reconnecting in %.1f s%s", why, delay, after)
+        await asyncio.sleep(delay)
+
+    def _hello(self, frame: Frame) -> None:
+        self.session = frame.get("session")
+        self.topics = list(frame.get("topics", []))
+        self.connections += 1
+        self._attempt = 0
+        if "recovered" in frame:
+            self.recovered = bool(frame["recovered"])
+            if not self.recovered:
+                log.warning("some notifications after id %s were no longer retained: not all recovered",
+                            self.last_id)  # fmt: skip
+        self.connected.set()
+
+    async def _renew(self) -> None:
+        if self.get_token is None:
+            return
+        try:
+            self.token = await self.get_token()
+        except Exception as exc:  # noqa: BLE001 - the caller's callback: report, never crash the loop
+            raise ClientError(f"get_token failed: {_reason(exc)}") from exc
+
+    async def _refresh(self, ws: ClientConnection) -> None:
+        """Send a fresh token shortly before the current one expires, again and again."""
+        while True:
+            exp = _token_exp(self.token)
+            if exp is None:
+                return
+            left = exp - time.time()
+            await asyncio.sleep(max(0.0, left - min(60.0, max(1.0, left / 5))))
+            old = self.token
+            try:
+                await self._renew()
+            except ClientError as exc:
+                log.warning("%s; retrying in 5 s", exc)
+            if self.token == old:
+                await asyncio.sleep(5)  # nothing new: the server closes with 1008 at exp if it stays so
+                continue
+            await ws.send(orjson.dumps({"type": "refresh", "token": self.token}).decode())
+
+
+def http_url(url: str) -> str:
+    """The base URL of a deployment for HTTP requests: ``url`` (http(s):// or ws(s)://) as http(s)://."""
+    base = url.strip().rstrip("/")
+    parts = urlsplit(base)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise ClientError(f"invalid URL {url!r}: must be http://HOST[:PORT] (https://, ws://, wss:// too)")
+    return {"ws": "http", "wss": "https"}.get(scheme, scheme) + base[len(scheme) :]
+
+
+def ws_url(url: str, token: str | None, topics: Iterable[str], since: str | int | None) -> str:
+    """The WebSocket URL of a deployment at ``url`` (http(s):// or ws(s)://) with the query."""
+    base = "ws" + http_url(url)[len("http") :]
     query: dict[str, str] = {}
     if token:
         query["token"] = token
+    topics = list(topics)
     if topics:
         query["topics"] = ",".join(topics)
     if since is not None:
-        query["since"] = since
+        query["since"] = str(since)
     return f"{base}/v1/ws?{urlencode(query)}"
 
 
-async def subscribe(
-    url: str, token: str | None, topics: list[str], since: str | None = None
-) -> AsyncIterator[dict[str, Any]]:
-    """Yield each notification frame of ``topics`` (plus ``broadcast`` and the user's own topic).
+# -- helpers -----------------------------------------------------------------------------------
 
-    Reconnects with exponential backoff and jitter, resuming after the last id seen. A refused
-    handshake (403) or a server unreachable on the first attempt raises :class:`ClientError`.
-    """
-    connected_once, attempt = False, 0
-    while True:
-        try:
-            async with connect(ws_url(url, token, topics, since), max_size=None) as ws:
-                connected_once, attempt = True, 0
-                async for raw in ws:
-                    frame = orjson.loads(raw)
-                    if frame.get("type") == "notification":
-                        since = frame["id"]
-                        yield frame
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status != 503 or not connected_once:
-                raise ClientError(f"handshake refused: HTTP {status}") from None
-        except InvalidURI as exc:
-            raise ClientError(str(exc)) from None
-        except (TimeoutError, OSError, ConnectionClosed) as exc:
-            if not connected_once:
-                raise ClientError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
-        await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
-        attempt += 1
+
+def _after(new: str, last: str | None) -> bool:
+    """Ids are decimal strings: compare them as integers, never as strings."""
+    return last is None or int(new) > int(last)
+
+
+def _token_exp(token: str | None) -> float | None:
+    """The ``exp`` claim of a JWT, read without checking the signature (that is the server's job)."""
+    if not token:
+        return None
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+    except (IndexError, ValueError, AttributeError):
+        return None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def _expires_within(token: str | None, seconds: float) -> bool:
+    exp = _token_exp(token)
+    return exp is not None and exp - time.time() < seconds
+
+
+def _describe(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return f"{response.status_code} {response.reason_phrase}" + (f": {detail}" if detail else "")
+
+
+def _body_detail(exc: InvalidStatus) -> str:
+    try:
+        detail = orjson.loads(exc.response.body or b"").get("detail")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return f": {detail}" if isinstance(detail, str) and detail else ""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,68 +1,463 @@
-// notifier JavaScript client: plain <script> usable, no build step.
-// new NotifierClient({token, url}) -> .connect(), .subscribe(topics), .unsubscribe(topics),
-// .publish(topic, data), .on(event, fn) with events "state", "notification", "hello", "error".
+/*
+ * notifier.js: the JavaScript client of notifier. No build step, no dependency.
+ *
+ *   <script src="/static/notifier.js"></script>
+ *   <script>
+ *     const client = new NotifierClient({ token, topics: ["room:lobby"] });
+ *     client.on("notification", (n) => console.log(n.topic, n.data));
+ *     client.on("state", (state) => console.log(state));   // connecting | connected | disconnected
+ *     client.connect();
+ *     await client.publish("room:lobby", { text: "hi" });  // resolves with {type: "published", id, topic, ts}
+ *   </script>
+ *
+ * Also usable as `globalThis.NotifierClient` (a worker, Node >= 22) and through `require()`.
+ *
+ * What it does for you:
+ * - subscribe / unsubscribe / publish return promises settled by the server's reply with the
+ *   same `ref`; an `error` frame rejects with a NotifierError carrying its `code` and `message`.
+ *   Requests made while disconnected wait for the next connection (up to `requestTimeout`).
+ * - Reconnects with exponential backoff and jitter after any close (1001 drain, 1013 too slow,
+ *   1006 network...), resuming with `since=<last id seen>` so nothing retained is missed, and
+ *   with the topics it had joined. It gives up only on authentication failures: a 1008 close
+ *   (token expired) without `getToken`, or a refused handshake that an HTTP probe shows to be a
+ *   401 (bad token) or 403 (no subscribe scope). A topic the server now refuses is dropped.
+ * - With `getToken` (async, returns a fresh JWT), it refreshes the token before its `exp` and
+ *   sends it as a `refresh` frame, so the connection outlives the token.
+ * - Events: "state" (state, detail), "hello" (frame), "notification" (frame), "error" (NotifierError).
+ */
 (function (global) {
   "use strict";
+
+  const CLOSE_NORMAL = 1000;
+  const CLOSE_TOKEN_EXPIRED = 1008;
+  const CLOSE_PING_TIMEOUT = 4000; // ours: the server stopped answering pings
+  const MAX_TIMER = 2147483647; // setTimeout's largest delay
+
+  /** An error frame, a refused request or a connection problem: `code` says which. */
+  class NotifierError extends Error {
+    constructor(code, message, extra) {
+      super(message);
+      this.name = "NotifierError";
+      this.code = code;
+      Object.assign(this, extra || {});
+    }
+  }
+
+  /** The claims of a JWT, or null (the signature is the server's business, not ours). */
+  function jwtClaims(token) {
+    try {
+      const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(part + "===".slice((part.length + 3) % 4)), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes));
+    } catch (_) {
+      return null;
+    }
+  }
+
+  /** Ids are decimal strings of any length: compare them as integers, never as strings. */
+  function idAfter(a, b) {
+    return b === null || b === undefined || BigInt(a) > BigInt(b);
+  }
+
+  function topicList(topics) {
+    return (typeof topics === "string" ? [topics] : Array.from(topics || [])).map(String);
+  }
+
+  function defaultBase() {
+    if (typeof location === "undefined") throw new TypeError("NotifierClient: the `url` option is required here");
+    return location.origin;
+  }
+
   class NotifierClient {
-    constructor({ token, url, topics = [] } = {}) {
-      const base = url || (location.protocol === "https:" ? "wss://" : "ws://") + location.host;
-      this.url = base.replace(/\/$/, "") + "/v1/ws";
-      this.token = token;
-      this.topics = new Set(topics);
-      this.lastId = null;
-      this.handlers = {};
-      this.pending = new Map();
-      this.nextRef = 1;
-      this.closed = false;
+    /**
+     * @param {object} options
+     * @param {string} [options.token] the JWT (needs the `subscribe` scope; `publish` to publish)
+     * @param {string} [options.url] server base URL, http(s):// or ws(s)://; default: this page's origin
+     * @param {string[]} [options.topics] topics to join on connect (beside `broadcast` and `user:<sub>`)
+     * @param {() => Promise<string>} [options.getToken] returns a fresh token; called before `exp`
+     * @param {string} [options.since] resume after this notification id (e.g. one saved earlier)
+     * @param {number} [options.minDelay=500] first reconnect delay, ms (doubles each failure)
+     * @param {number} [options.maxDelay=30000] longest reconnect delay, ms
+     * @param {number} [options.pingInterval=25000] keepalive ping period, ms (0: none)
+     * @param {number} [options.requestTimeout=10000] how long a request waits for its reply, ms
+     */
+    constructor(options = {}) {
+      const base = String(options.url || defaultBase()).replace(/\/+$/, "");
+      this.httpBase = base.replace(/^ws(s?):/i, "http$1:");
+      this.wsUrl = this.httpBase.replace(/^http(s?):/i, "ws$1:") + "/v1/ws";
+      this.token = options.token || null;
+      this.getToken = options.getToken || null;
+      this.topics = new Set(topicList(options.topics));
+      this.lastId = options.since ? String(options.since) : null;
+      this.minDelay = options.minDelay ?? 500;
+      this.maxDelay = options.maxDelay ?? 30000;
+      this.pingInterval = options.pingInterval ?? 25000;
+      this.requestTimeout = options.requestTimeout ?? 10000;
+      this.WebSocket = options.WebSocket || global.WebSocket;
+      this.state = "disconnected";
+      this.session = null; // of the current connection, from `hello`
+      this.user = null;
+      this.recovered = null; // `hello.recovered` of the last resumed connection
+      this.ws = null;
+      this.stopped = true;
+      this.generation = 0; // bumped by open(), close() and fail(): stale async steps bail out
       this.attempt = 0;
+      this.nextRef = 1;
+      this.pending = new Map(); // ref -> request waiting for its reply
+      this.intents = new Map(); // topic -> the latest subscribe/unsubscribe call about it
+      this.lastIntent = 0;
+      this.handlers = {};
+      this.timers = {};
+      this.onOnline = () => this.timers.reconnect && this.reconnectNow();
     }
-    on(event, fn) { (this.handlers[event] = this.handlers[event] || []).push(fn); return this; }
-    emit(event, value) { (this.handlers[event] || []).forEach((fn) => fn(value)); }
-    connect() {
-      this.closed = false;
-      const q = new URLSearchParams({ token: this.token });
-      if (this.topics.size) q.set("topics", [...this.topics].join(","));
-      if (this.lastId !== null) q.set("since", this.lastId);
-      this.emit("state", "connecting");
-      const ws = (this.ws = new WebSocket(this.url + "?" + q));
-      ws.onmessage = (ev) => this.receive(JSON.parse(ev.data));
-      ws.onclose = (ev) => {
-        this.emit("state", "disconnected");
-        this.pending.forEach(({ reject }) => reject(new Error("connection closed")));
-        this.pending.clear();
-        if (!this.closed) {
-          const delay = Math.min(30000, 500 * 2 ** this.attempt++) * (0.5 + Math.random() / 2);
-          setTimeout(() => this.connect(), delay);
+
+    // -- events ---------------------------------------------------------------------------------
+
+    /** Listen to "state", "hello", "notification" or "error"; returns the client (chainable). */
+    on(event, fn) {
+      (this.handlers[event] = this.handlers[event] || []).push(fn);
+      return this;
+    }
+
+    off(event, fn) {
+      this.handlers[event] = (this.handlers[event] || []).filter((h) => h !== fn);
+      return this;
+    }
+
+    emit(event, ...args) {
+      for (const fn of this.handlers[event] || []) {
+        try {
+          fn(...args);
+        } catch (err) {
+          setTimeout(() => { throw err; }); // a broken handler must not break the client
         }
-      };
+      }
     }
-    receive(frame) {
-      if (frame.type === "hello") { this.attempt = 0; this.emit("state", "connected"); this.emit("hello", frame); return; }
-      if (frame.type === "notification") {
-        if (this.lastId === null || BigInt(frame.id) > BigInt(this.lastId)) this.lastId = frame.id;
-        this.emit("notification", frame);
+
+    setState(state, detail) {
+      if (state === this.state) return;
+      this.state = state;
+      this.emit("state", state, detail || {});
+    }
+
+    // -- connection -----------------------------------------------------------------------------
+
+    /** Open the connection (and keep it open until close()). */
+    connect() {
+      if (!this.stopped) return this;
+      this.stopped = false;
+      this.attempt = 0;
+      if (typeof addEventListener === "function") addEventListener("online", this.onOnline);
+      this.open();
+      return this;
+    }
+
+    /** Close for good: no reconnect; waiting requests reject with code "closed". */
+    close() {
+      this.stopped = true;
+      this.generation++;
+      if (typeof removeEventListener === "function") removeEventListener("online", this.onOnline);
+      for (const name of Object.keys(this.timers)) this.clearTimer(name);
+      const ws = this.ws;
+      this.detach();
+      if (ws) ws.close(CLOSE_NORMAL);
+      this.failPending(() => true, "closed", "the client was closed");
+      this.setState("disconnected", { closed: true });
+      return this;
+    }
+
+    /** Skip the current backoff delay and reconnect at once (if waiting to reconnect). */
+    reconnectNow() {
+      if (this.stopped || this.ws) return;
+      this.clearTimer("reconnect");
+      this.open();
+    }
+
+    async open() {
+      const generation = ++this.generation;
+      this.clearTimer("reconnect");
+      this.setState("connecting");
+      if (this.getToken && this.tokenExpired()) {
+        const renewed = await this.renewToken();
+        if (generation !== this.generation) return;
+        if (!renewed) return this.fail("token_expired", "the token expired and getToken gave no valid one");
+      }
+      const query = new URLSearchParams();
+      if (this.token) query.set("token", this.token);
+      if (this.topics.size) query.set("topics", [...this.topics].join(","));
+      if (this.lastId !== null) query.set("since", this.lastId);
+      let ws;
+      try {
+        ws = new this.WebSocket(this.wsUrl + "?" + query);
+      } catch (err) {
+        return this.fail("bad_url", String(err && err.message));
+      }
+      this.ws = ws;
+      let opened = false;
+      ws.onopen = () => { opened = true; };
+      ws.onmessage = (ev) => ws === this.ws && this.receive(ev.data);
+      ws.onerror = () => {}; // always followed by a close
+      ws.onclose = (ev) => ws === this.ws && this.closed(ev.code, ev.reason, opened);
+    }
+
+    detach() {
+      if (this.ws) this.ws.onopen = this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
+      this.ws = null;
+      this.clearTimer("ping");
+      this.clearTimer("pong");
+      this.clearTimer("refresh");
+    }
+
+    async closed(code, reason, opened) {
+      const generation = this.generation;
+      this.detach();
+      this.session = null;
+      // A request already sent may or may not have been carried out: the caller decides.
+      this.failPending((r) => r.sent, "disconnected", "the connection closed before the reply");
+      if (this.stopped) return this.setState("disconnected", { code, reason });
+      if (code === CLOSE_TOKEN_EXPIRED) {
+        const renewed = this.getToken ? await this.renewToken() : false;
+        if (generation !== this.generation) return;
+        if (!renewed) return this.fail("token_expired", reason || "the token expired", { closeCode: code });
+      } else if (!opened) {
+        // A browser hides why a handshake failed (it reports 1006): ask the HTTP API.
+        const problem = await this.diagnose();
+        if (generation !== this.generation) return;
+        if (problem && problem.fatal) return this.fail(problem.code, problem.message, { status: problem.status });
+        if (problem) this.emit("error", new NotifierError(problem.code, problem.message, problem));
+      }
+      this.scheduleReconnect(code, reason);
+    }
+
+    scheduleReconnect(code, reason) {
+      if (this.stopped) return;
+      const ceiling = Math.min(this.maxDelay, this.minDelay * 2 ** this.attempt++);
+      const delay = Math.round(ceiling * (0.5 + Math.random() / 2)); // jitter: no thundering herd
+      this.setState("disconnected", { code, reason, retryIn: delay });
+      this.setTimer("reconnect", delay, () => this.open());
+    }
+
+    /**
+     * Why the handshake was refused, as far as the HTTP API tells: reading one notification of
+     * each topic needs the same token and scope. Null when it looks transient (down, 503...).
+     */
+    async diagnose() {
+      if (typeof fetch !== "function") return null;
+      for (const topic of ["broadcast", ...this.topics]) {
+        let response;
+        try {
+          response = await fetch(`${this.httpBase}/v1/topics/${topic}/notifications?limit=1`, {
+            headers: this.token ? { authorization: "Bearer " + this.token } : {},
+            cache: "no-store",
+          });
+        } catch (_) {
+          return null; // unreachable (or cross-origin without CORS): keep trying
+        }
+        if (response.status !== 401 && response.status !== 403) {
+          if (response.ok) continue;
+          return null;
+        }
+        let detail = "";
+        try { detail = (await response.json()).detail || ""; } catch (_) { /* no JSON body */ }
+        const status = response.status;
+        if (status === 401) {
+          const refused = this.token;
+          if (this.getToken && (await this.renewToken()) && this.token !== refused) return null; // try the new one
+          return { code: "unauthorized", message: detail || "the token was refused", status, fatal: true };
+        }
+        if (topic === "broadcast") return { code: "forbidden", message: detail || "the token may not subscribe", status, fatal: true };
+        this.topics.delete(topic); // the server refuses this topic now: join the rest
+        return { code: "forbidden", message: detail || `not allowed to subscribe to ${topic}`, status, topic };
+      }
+      return null;
+    }
+
+    fail(code, message, extra) {
+      this.stopped = true;
+      this.generation++;
+      const ws = this.ws;
+      this.detach();
+      if (ws) ws.close(CLOSE_NORMAL);
+      for (const name of Object.keys(this.timers)) this.clearTimer(name);
+      this.failPending(() => true, code, message);
+      this.setState("disconnected", { code, reason: message, fatal: true });
+      this.emit("error", new NotifierError(code, message, { fatal: true, ...(extra || {}) }));
+    }
+
+    // -- frames ---------------------------------------------------------------------------------
+
+    receive(text) {
+      let frame;
+      try {
+        frame = JSON.parse(text);
+      } catch (_) {
         return;
       }
-      const waiter = frame.ref !== undefined && this.pending.get(frame.ref);
-      if (waiter) {
-        this.pending.delete(frame.ref);
-        frame.type === "error" ? waiter.reject(Object.assign(new Error(frame.message), frame)) : waiter.resolve(frame);
+      if (frame.type === "notification") {
+        if (idAfter(frame.id, this.lastId)) this.lastId = frame.id;
+        this.emit("notification", frame);
+      } else if (frame.type === "hello") {
+        this.attempt = 0;
+        this.session = frame.session;
+        this.user = frame.user;
+        if ("recovered" in frame) this.recovered = frame.recovered;
+        this.setState("connected", { session: frame.session });
+        this.emit("hello", frame);
+        this.startPing();
+        this.scheduleRefresh();
+        for (const request of this.pending.values()) if (!request.sent) this.send(request);
+      } else if (frame.ref !== undefined && this.pending.has(frame.ref)) {
+        const request = this.pending.get(frame.ref);
+        this.settle(frame.ref);
+        if (frame.type === "error") request.reject(new NotifierError(frame.code, frame.message, { frame }));
+        else request.resolve(frame);
       } else if (frame.type === "error") {
-        this.emit("error", frame);
+        this.emit("error", new NotifierError(frame.code, frame.message, { frame }));
       }
     }
-    request(frame) {
+
+    /** Send any client frame; resolves with the reply that echoes its `ref`. */
+    request(frame, timeout = this.requestTimeout) {
       return new Promise((resolve, reject) => {
-        if (!this.ws || this.ws.readyState !== 1) return reject(new Error("not connected"));
+        if (this.stopped) return reject(new NotifierError("closed", "the client is not connected; call connect()"));
         const ref = this.nextRef++;
-        this.pending.set(ref, { resolve, reject });
-        this.ws.send(JSON.stringify({ ...frame, ref }));
+        const request = { frame: { ...frame, ref }, resolve, reject, sent: false };
+        request.timer = setTimeout(() => {
+          this.settle(ref);
+          reject(new NotifierError("timeout", `no reply to ${frame.type} within ${timeout} ms`));
+        }, Math.min(timeout, MAX_TIMER));
+        this.pending.set(ref, request);
+        if (this.state === "connected") this.send(request);
       });
     }
-    subscribe(topics) { topics.forEach((t) => this.topics.add(t)); return this.request({ type: "subscribe", topics }); }
-    unsubscribe(topics) { topics.forEach((t) => this.topics.delete(t)); return this.request({ type: "unsubscribe", topics }); }
-    publish(topic, data) { return this.request({ type: "publish", topic, data }); }
-    close() { this.closed = true; if (this.ws) this.ws.close(1000); }
+
+    send(request) {
+      request.sent = true;
+      this.ws.send(JSON.stringify(request.frame));
+    }
+
+    settle(ref) {
+      const request = this.pending.get(ref);
+      if (request) clearTimeout(request.timer);
+      this.pending.delete(ref);
+    }
+
+    failPending(which, code, message) {
+      for (const [ref, request] of [...this.pending]) {
+        if (!which(request)) continue;
+        this.settle(ref);
+        request.reject(new NotifierError(code, message));
+      }
+    }
+
+    /** Join topics; resolves with the `subscribed` reply once they are active. */
+    async subscribe(topics) {
+      const list = topicList(topics);
+      const intent = this.intend(list);
+      const reply = await this.request({ type: "subscribe", topics: list });
+      // Rejoined on reconnect from now on, unless an unsubscribe came after this subscribe.
+      for (const topic of list) if (this.intents.get(topic) === intent) this.topics.add(topic);
+      return reply;
+    }
+
+    /** Leave topics (not rejoined on reconnect); resolves with the `unsubscribed` reply. */
+    async unsubscribe(topics) {
+      const list = topicList(topics);
+      this.intend(list);
+      for (const topic of list) this.topics.delete(topic);
+      if (this.stopped) return { type: "unsubscribed", topics: list };
+      // Queued behind any subscribe still waiting for a connection, so the server ends up right.
+      return this.request({ type: "unsubscribe", topics: list });
+    }
+
+    intend(topics) {
+      const intent = ++this.lastIntent;
+      for (const topic of topics) this.intents.set(topic, intent);
+      return intent;
+    }
+
+    /** Publish `data` (any JSON) to `topic` (needs the `publish` scope); resolves with {id, topic, ts}. */
+    publish(topic, data) {
+      return this.request({ type: "publish", topic, data: data === undefined ? null : data });
+    }
+
+    // -- keepalive and token refresh -------------------------------------------------------------
+
+    startPing() {
+      if (!this.pingInterval) return;
+      this.setTimer("ping", this.pingInterval, () => {
+        // A dead network can leave a socket "open" for minutes: no pong in time means reconnect.
+        this.setTimer("pong", this.requestTimeout, () => {
+          const ws = this.ws;
+          this.closed(CLOSE_PING_TIMEOUT, "no reply to ping", true);
+          if (ws) ws.close(CLOSE_PING_TIMEOUT);
+        });
+        this.request({ type: "ping" }).then(
+          () => { this.clearTimer("pong"); this.startPing(); },
+          () => {},
+        );
+      });
+    }
+
+    tokenExpired() {
+      const claims = this.token && jwtClaims(this.token);
+      return Boolean(claims && typeof claims.exp === "number" && claims.exp * 1000 <= Date.now() + 1000);
+    }
+
+    /** Ask getToken for a new token; true when it gave one that has not expired. */
+    async renewToken() {
+      try {
+        const token = await this.getToken();
+        if (!token) return false;
+        this.token = String(token);
+        return !this.tokenExpired();
+      } catch (err) {
+        this.emit("error", new NotifierError("refresh_failed", "getToken failed: " + (err && err.message), { cause: err }));
+        return false;
+      }
+    }
+
+    scheduleRefresh() {
+      this.clearTimer("refresh");
+      const claims = this.getToken && this.token && jwtClaims(this.token);
+      if (!claims || typeof claims.exp !== "number") return;
+      const left = claims.exp * 1000 - Date.now();
+      const lead = Math.min(60000, Math.max(1000, left / 5)); // refresh well before the server closes
+      this.setTimer("refresh", Math.max(0, left - lead), () => this.refresh());
+    }
+
+    async refresh() {
+      const before = this.token;
+      if (!(await this.renewToken()) || this.token === before || this.state !== "connected") {
+        // Try again shortly; if exp passes first the server closes with 1008 and we reconnect.
+        if (this.state === "connected") this.setTimer("refresh", 5000, () => this.refresh());
+        return;
+      }
+      try {
+        await this.request({ type: "refresh", token: this.token });
+        this.scheduleRefresh();
+      } catch (err) {
+        this.emit("error", err);
+        if (this.state === "connected") this.setTimer("refresh", 5000, () => this.refresh());
+      }
+    }
+
+    // -- timers -----------------------------------------------------------------------------------
+
+    setTimer(name, delay, fn) {
+      this.clearTimer(name);
+      this.timers[name] = setTimeout(() => { delete this.timers[name]; fn(); }, Math.min(delay, MAX_TIMER));
+    }
+
+    clearTimer(name) {
+      clearTimeout(this.timers[name]);
+      delete this.timers[name];
+    }
   }
+
+  NotifierClient.NotifierError = NotifierError;
+  NotifierClient.jwtClaims = jwtClaims;
   global.NotifierClient = NotifierClient;
-})(typeof window !== "undefined" ? window : globalThis);
+  global.NotifierError = NotifierError;
+  if (typeof module === "object" && module && module.exports) module.exports = { NotifierClient, NotifierError };
+})(typeof globalThis !== "undefined" ? globalThis : window);
