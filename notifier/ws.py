@@ -12,12 +12,12 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 
 from notifier.auth import SUBSCRIBE, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden
-from notifier.hub import Connection
+from notifier.hub import Connection, Item
 from notifier.protocol import (
     BadFrame,
     ClientFrame,
@@ -31,7 +31,6 @@ from notifier.protocol import (
 from notifier.services import Services
 
 log = logging.getLogger("notifier.ws")
-router = APIRouter()
 
 RATE_PER_SECOND = 100.0
 RATE_BURST = 200.0
@@ -49,7 +48,6 @@ class Handshake(Exception):
         self.status, self.detail = status, detail
 
 
-@router.websocket("/v1/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     node = services.node
@@ -136,8 +134,9 @@ class Session:
         self.writer: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        self.writer = asyncio.create_task(self._write(), name=f"notifier-writer-{self.conn.session}")
         self.conn.on_close = self._closing
+        self.conn.on_ready = self._kick
+        self._kick()
         self._schedule_expiry()
         try:
             await self._read()
@@ -145,8 +144,15 @@ class Session:
             for timer in (self.expiry, self.watchdog):
                 if timer is not None:
                     timer.cancel()
-            self.writer.cancel()
-            await asyncio.gather(self.writer, return_exceptions=True)
+            if self.writer is not None:
+                self.writer.cancel()
+                await asyncio.gather(self.writer, return_exceptions=True)
+
+    def _kick(self) -> None:
+        """Something is queued (or a close asked for): make sure a writer runs. Writers are
+        started on demand and end when the queue is empty: most deliveries need none."""
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def _closing(self) -> None:
         """A close was asked for: if the writer cannot get it out in time, drop the connection."""
@@ -166,41 +172,51 @@ class Session:
 
     async def _write(self) -> None:
         """Drain the queue in order: through the sink when the server offers one (encoded bytes,
-        written while the socket takes them), else through ASGI ``send``."""
-        conn, send, sink = self.conn, self.websocket.send, self.conn.sink
-        metrics = self.services.metrics
+        written while the socket takes them), else through ASGI ``send``; then close if asked."""
+        conn = self.conn
         try:
-            while True:
-                await conn.wakeup.wait()
-                conn.wakeup.clear()
-                delivered = last_ts = 0
-                while conn.queue and conn.close_code is None:
-                    if sink is not None:
-                        if not sink.writable():
-                            await sink.drain()
-                            if not sink.writable():
-                                return  # the socket is gone or closing
-                            continue
-                        text, size, ts, wire = conn.queue.popleft()
-                        sink.write(wire or ws_text_frame(text.encode()))
-                    else:
-                        text, size, ts, wire = conn.queue.popleft()
-                        await send({"type": "websocket.send", "text": text})
-                    if conn.close_code is None:
-                        conn.pending -= size
-                    if ts:
-                        delivered += 1
-                        last_ts = ts
-                if delivered:
-                    metrics.delivered.inc(delivered)
-                    metrics.latency.observe(max(0.0, time.time() - last_ts / 1000))
-                if conn.close_code is not None:
-                    await self.websocket.close(conn.close_code, conn.close_reason)
-                    return
+            while conn.queue and conn.close_code is None:
+                batch = conn.take()
+                conn.busy = True
+                try:
+                    if not await self._write_batch(batch):
+                        return  # the socket is gone or closing
+                finally:
+                    conn.busy = False
+            if conn.close_code is not None:
+                await self.websocket.close(conn.close_code, conn.close_reason)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the peer went away mid-send; the reader sees it too
             log.debug("writer of %s ended: %r", conn.session, exc)
+
+    async def _write_batch(self, batch: list[Item]) -> bool:
+        conn, sink, send = self.conn, self.conn.sink, self.websocket.send
+        delivered = last_ts = 0
+        for index, (text, size, ts, wire) in enumerate(batch):
+            if conn.close_code is not None:
+                lost = sum(1 for item in batch[index:] if item[2])
+                if lost:
+                    conn.on_drop(lost)
+                break
+            if sink is not None:
+                if not sink.writable():
+                    await sink.drain()
+                    if not sink.writable():
+                        return False
+                sink.write(wire or ws_text_frame(text.encode()))
+            else:
+                await send({"type": "websocket.send", "text": text})
+            if conn.close_code is None:
+                conn.pending -= size
+            if ts:
+                delivered += 1
+                last_ts = ts
+        if delivered:
+            metrics = self.services.metrics
+            metrics.delivered.inc(delivered)
+            metrics.latency.observe(max(0.0, time.time() - last_ts / 1000))
+        return True
 
     # -- reader -----------------------------------------------------------------------------
 
