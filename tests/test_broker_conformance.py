@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 from redis.asyncio import Redis
-from support import RedisServer
+from support import RedisServer, SlowLink
 
 from notifier.auth import Principal
 from notifier.broker import Broker
@@ -155,86 +155,6 @@ async def numsub(url: str, topic: str) -> int:
         return int(count)
     finally:
         await client.aclose()
-
-
-class SlowLink:
-    """A real TCP relay to a redis-server that holds every client-to-server byte ``delay`` seconds.
-
-    Replies come back at once. A client behind it sees its commands take effect late, so
-    "returns once the subscription is active" is tested with a window wide enough to matter.
-    """
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port, self.delay = target_port, delay
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def __aenter__(self) -> SlowLink:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self._writers.append(client_writer)
-        try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_writer.close()
-            return
-        self._writers.append(server_writer)
-        self._tasks += [
-            asyncio.create_task(self._pump(client_reader, server_writer, self.delay)),
-            asyncio.create_task(self._pump(server_reader, client_writer, 0.0)),
-        ]
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                while data := await reader.read(65536):
-                    chunks.put_nowait((loop.time() + delay, data))
-            except OSError:
-                pass
-            chunks.put_nowait((loop.time() + delay, b""))
-
-        reading = asyncio.create_task(read())
-        try:
-            while True:
-                due, data = await chunks.get()
-                await asyncio.sleep(max(0.0, due - loop.time()))  # latency, in arrival order
-                if not data:
-                    break
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
-            writer.close()
-
-
-# -- fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
