@@ -1,0 +1,1 @@
+"""notifier's benchmark suite: ``python -m benchmarks [--quick]`` (see docs/performance.md)."""

@@ -1,0 +1,1 @@
+"""Baseline servers the benchmark compares notifier against (benchmark-only code)."""

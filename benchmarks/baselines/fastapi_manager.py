@@ -1,0 +1,88 @@
+"""Baseline: the FastAPI documentation's textbook ``ConnectionManager``, plus a publish endpoint.
+
+https://fastapi.tiangolo.com/advanced/websockets/#handling-disconnections-and-multiple-clients
+A list of websockets and ``await websocket.send_text`` in a loop, run by uvicorn with its
+defaults (as ``uvicorn main:app`` would). Two additions so the load generator can drive it
+exactly like notifier, neither on the fan-out path:
+
+- one ``{"type": "hello"}`` frame once a socket is in the list (notifier sends ``hello`` once
+  a socket is subscribed; the load generator waits for the first frame before publishing);
+- ``POST /v1/notifications`` ``{"topic", "data"}`` -> 202 ``{"id", "topic", "ts"}``, which
+  builds the same notification frame as notifier (``ts`` = acceptance time in unix ms) once and
+  broadcasts it to every socket. No auth, no topics, no queues, no metrics.
+
+    python benchmarks/baselines/fastapi_manager.py --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+
+
+class ConnectionManager:
+    def __init__(self) -> None:
+        self.active_connections: list[WebSocket] = []
+
+    async def connect(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        self.active_connections.append(websocket)
+
+    def disconnect(self, websocket: WebSocket) -> None:
+        self.active_connections.remove(websocket)
+
+    async def broadcast(self, message: str) -> None:
+        for connection in self.active_connections:
+            await connection.send_text(message)
+
+
+app = FastAPI()
+manager = ConnectionManager()
+ids = itertools.count(1)
+
+
+@app.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    await manager.connect(websocket)
+    await websocket.send_text('{"type":"hello"}')
+    try:
+        while True:
+            await websocket.receive_text()
+    except WebSocketDisconnect:
+        manager.disconnect(websocket)
+
+
+@app.post("/v1/notifications", status_code=202)
+async def publish(request: Request) -> JSONResponse:
+    body: dict[str, Any] = await request.json()
+    id_, topic, ts = str(next(ids)), body["topic"], int(time.time() * 1000)
+    frame = json.dumps(
+        {"type": "notification", "id": id_, "topic": topic, "data": body["data"], "ts": ts},
+        separators=(",", ":"),
+    )
+    await manager.broadcast(frame)
+    return JSONResponse({"id": id_, "topic": topic, "ts": ts}, status_code=202)
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    args = parser.parse_args()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

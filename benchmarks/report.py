@@ -1,0 +1,351 @@
+"""The tables (Markdown), the plots (PNG, matplotlib) and the docs/performance.md update."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.servers import BASELINES, SERVERS
+
+DOC_BEGIN = "<!-- benchmark-results:begin -->"
+DOC_END = "<!-- benchmark-results:end -->"
+HEADLINE_SUBSCRIBERS = 1000
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _busy(util: Any, busy: Any) -> str:
+    """CPU share of the wall time, and share running or waiting for the core (see the method)."""
+    if util is None:
+        return "–"
+    return _pct(util) + (f" / {_pct(busy)}" if busy is not None else "")
+
+
+def _ratios(line: dict[str, Any]) -> str:
+    ratios = line.get("ratios") or {}
+    return ", ".join(f"{_num(r, 2)}× {name}" for name, r in ratios.items() if r is not None) or ""
+
+
+def _order(lines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(lines, key=lambda x: (x["subscribers"] or 0, SERVERS.index(x["server"])))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for line in summary:
+        by.setdefault(line["scenario"], []).append(line)
+    parts = [_meta(meta)]
+
+    headline = _headline(by)
+    if headline:
+        parts.append(headline)
+
+    if "fanout" in by:
+        rows = [
+            [
+                _num(x["subscribers"]),
+                x["server"],
+                _num(x["deliveries_per_s"]),
+                _num(x["deliveries_per_cpu_s"]),
+                _busy(x["server_cpu_util"], x["server_busy"]),
+                _num(x["p99_ms"], 1),
+                _num(x["lost"]),
+                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by["fanout"])
+        ]
+        parts.append(
+            "**fanout** (notifications as fast as delivered; ratio: deliveries per server CPU-second)\n\n"
+            + _table(
+                [
+                    "subscribers",
+                    "server",
+                    "deliveries/s",
+                    "deliveries / server CPU-s",
+                    "server CPU / busy",
+                    "p99 ms",
+                    "lost",
+                    "loadgen CPU / busy",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    for scenario in ("steady", "cluster"):
+        if scenario not in by:
+            continue
+        rows = [
+            [
+                x["server"] + (f" ×{x['instances']}" if (x["instances"] or 1) > 1 else ""),
+                _num(x["subscribers"]),
+                _num(x["deliveries_per_s"]),
+                _num(x["p50_ms"], 1),
+                _num(x["p90_ms"], 1),
+                _num(x["p99_ms"], 1),
+                _num(x["max_ms"], 1),
+                _num(x["lost"]),
+                _busy(x["server_cpu_util"], x["server_busy"]),
+                _num(x["nginx_cpu_s"], 2) if scenario == "cluster" else _num(x["redis_cpu_s"], 2),
+                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by[scenario])
+        ]
+        what = (
+            "through nginx; the instances share one core, nginx and redis on the load generator's"
+            if scenario == "cluster"
+            else "one server process"
+        )
+        parts.append(
+            f"**{scenario}** ({what}; latency from `ts` to receipt; ratio: p99, lower is better)\n\n"
+            + _table(
+                [
+                    "server",
+                    "subscribers",
+                    "deliveries/s",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "max ms",
+                    "lost",
+                    "server CPU / busy",
+                    "nginx CPU-s" if scenario == "cluster" else "redis CPU-s",
+                    "loadgen CPU / busy",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    if "idle_memory" in by:
+        rows = [
+            [
+                x["server"],
+                _num(x["subscribers"]),
+                _num((x["rss_before_kib"] or 0) / 1024, 1),
+                _num((x["rss_kib"] or 0) / 1024, 1),
+                _num(x["kib_per_connection"], 1),
+                _num(x["lost"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by["idle_memory"])
+        ]
+        parts.append(
+            "**idle_memory** (RSS growth over idle authenticated connections; ratio: KiB per connection)\n\n"
+            + _table(
+                [
+                    "server",
+                    "connections",
+                    "RSS before MiB",
+                    "RSS after MiB",
+                    "KiB / connection",
+                    "lost",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def _headline(by: dict[str, list[dict[str, Any]]]) -> str:
+    """The issue's table: one row per stack, the three headline figures of this run."""
+    fan = by.get("fanout", [])
+    counts = sorted({x["subscribers"] for x in fan})
+    n = HEADLINE_SUBSCRIBERS if HEADLINE_SUBSCRIBERS in counts else (counts[-1] if counts else None)
+    servers = [s for s in SERVERS if any(x["server"] == s for lines in by.values() for x in lines)]
+    if not servers:
+        return ""
+
+    def get(scenario: str, server: str, key: str, subscribers: int | None = None) -> Any:
+        for x in by.get(scenario, []):
+            if x["server"] == server and (subscribers is None or x["subscribers"] == subscribers):
+                return x[key]
+        return None
+
+    rows = []
+    for s in servers:
+        rows.append(
+            [
+                s,
+                _num(get("fanout", s, "deliveries_per_cpu_s", n)),
+                _num(get("steady", s, "p99_ms"), 1),
+                _num(get("cluster", s, "p99_ms"), 1),
+                _num(get("idle_memory", s, "kib_per_connection"), 1),
+            ]
+        )
+    ratios = []
+    for s in servers:
+        if s in BASELINES:
+            continue
+        for b in BASELINES:
+            if b not in servers:
+                continue
+            cells = []
+            for scenario, key, sub in (
+                ("fanout", "deliveries_per_cpu_s", n),
+                ("steady", "p99_ms", None),
+                ("cluster", "p99_ms", None),
+                ("idle_memory", "kib_per_connection", None),
+            ):
+                mine, theirs = get(scenario, s, key, sub), get(scenario, b, key, sub)
+                cells.append(_num(mine / theirs, 2) + "×" if mine is not None and theirs else "–")
+            ratios.append([f"{s} ÷ {b}", *cells])
+    fan_label = f"deliveries / server CPU-s (fanout, {n} subscribers)" if n else "deliveries / server CPU-s"
+    header = ["stack", fan_label, "p99 ms (steady)", "p99 ms (cluster, nginx)", "KiB / idle connection"]
+    return "**Summary** (this run; ratios are what count on a shared machine)\n\n" + _table(
+        header, rows + ratios
+    )
+
+
+def _meta(meta: dict[str, Any]) -> str:
+    m, v = meta.get("machine", {}), meta.get("versions", {})
+    pin = meta.get("pinning", {})
+    versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    pinning = (
+        f"server side on core {pin['server_core']}, load generator on core {pin['loadgen_core']}"
+        if pin.get("server_core") is not None
+        else "no pinning"
+    )
+    end = meta.get("loadavg_end")
+    return (
+        f"Run {meta.get('date')}: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"Linux {m.get('kernel')}; {pinning}; load generator: {meta.get('loadgen')}; "
+        f"load average at start {meta.get('loadavg_start')}"
+        + (f", at end {end}" if end else "")
+        + (f"; {meta['elapsed_s']} s in all" if meta.get("elapsed_s") else "")
+        + f".\n\nVersions: {versions}."
+    )
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            "benchmarks: matplotlib is not installed (pip install -r benchmarks/requirements.txt): no plots"
+        )
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[Path] = []
+    lines = [r["line"] for r in runs]
+
+    fan = [x for x in lines if x["scenario"] == "fanout" and x["deliveries_per_s"]]
+    if fan:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for server in SERVERS:
+            pts = sorted(
+                (x["subscribers"], x["deliveries_per_s"], x["deliveries_per_cpu_s"])
+                for x in fan
+                if x["server"] == server
+            )
+            if not pts:
+                continue
+            left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
+            right.plot([p[0] for p in pts], [p[2] or 0 for p in pts], marker="o", label=server)
+        for ax, title in ((left, "deliveries/s"), (right, "deliveries per server CPU-second")):
+            ax.set_xscale("log")
+            ax.set_xlabel("subscribers on one topic")
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            ax.set_ylim(bottom=0)
+        left.legend()
+        fig.suptitle("fanout: ~256-byte frames, server pinned to one core")
+        fig.tight_layout()
+        made.append(_save(fig, out / "fanout.png"))
+        plt.close(fig)
+
+    cdfs = [r for r in runs if r["line"]["scenario"] in ("steady", "cluster") and r.get("cdf")]
+    if cdfs:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in cdfs:
+            cdf = [(ms, pct) for pct, ms in r["cdf"] if ms is not None]
+            line = r["line"]
+            label = f"{line['server']} ({line['scenario']})"
+            ax.plot(
+                [max(p[0], 0.05) for p in cdf],
+                [p[1] for p in cdf],
+                linestyle="--" if line["scenario"] == "cluster" else "-",
+                label=label,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, ms (ts in the frame to receipt)")
+        ax.set_ylabel("percentile")
+        ax.set_ylim(0, 100)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        ax.set_title("latency CDF at steady load (1,000 subscribers x 20 notifications/s)")
+        fig.tight_layout()
+        made.append(_save(fig, out / "latency_cdf.png"))
+        plt.close(fig)
+
+    idle = [r for r in runs if r["line"]["scenario"] == "idle_memory" and r.get("rss_steps")]
+    if idle:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in idle:
+            steps = r["rss_steps"]
+            ax.plot(
+                [s["connections"] for s in steps],
+                [s["rss_kib"] / 1024 for s in steps],
+                marker="o",
+                label=f"{r['line']['server']} ({_num(r['line']['kib_per_connection'], 1)} KiB/conn)",
+            )
+        ax.set_xlabel("idle authenticated connections")
+        ax.set_ylabel("server RSS, MiB")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.set_title("RSS against connections")
+        fig.tight_layout()
+        made.append(_save(fig, out / "rss.png"))
+        plt.close(fig)
+    return made
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# -- docs/performance.md -------------------------------------------------------------------
+
+
+def write_doc(doc: Path, table: str) -> None:
+    """Replace the results section of ``doc`` (between the two markers) with ``table``."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise RuntimeError(f"{doc}: no {DOC_BEGIN} ... {DOC_END} section to replace")
+    pattern = re.compile(re.escape(DOC_BEGIN) + r".*?" + re.escape(DOC_END), re.DOTALL)
+    doc.write_text(pattern.sub(lambda _: f"{DOC_BEGIN}\n{table}\n{DOC_END}", text, count=1))

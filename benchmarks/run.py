@@ -1,0 +1,687 @@
+"""The benchmark suite: ``python -m benchmarks [--quick]`` prints one JSON line per scenario per server,
+then a table with notifier's ratio to each baseline measured in the same run.
+
+Scenarios (each bounded in count and in time):
+
+- ``fanout``: N subscribers on one topic; notifications (~256-byte frames) published as fast as
+  the server delivers them (a window of notifications in flight); deliveries/s and deliveries
+  per server CPU-second, for each N of ``--subscribers``;
+- ``steady``: 1,000 subscribers x 20 notifications/s (20k deliveries/s) for ``--duration``;
+  latency from the frame's ``ts`` to receipt, p50/p90/p99/max; lost = expected - received;
+- ``idle_memory``: server RSS before and after opening K idle authenticated connections, in
+  steps; KiB per connection (then one notification to all of them: lost must be 0);
+- ``cluster``: ``steady`` through nginx over N instances sharing Redis (``deploy/local-cluster``).
+
+The server runs pinned to core 0, the load generator (benchmarks/loadgen.mjs, Node.js, with the
+subscribers held by benchmarks/wsrecv.c) to core 1; CPU seconds are utime+stime from
+/proc/<pid>/stat read at the start and end of the measurement window. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from benchmarks import report
+from benchmarks.procs import CLK_TCK, ROOT, cores, loadavg, stop_all
+from benchmarks.servers import BASELINES, SERVERS, Deployment, Target, start_cluster, start_single
+
+HERE = ROOT / "benchmarks"
+LOADGEN = HERE / "loadgen.mjs"
+WSRECV_SOURCE = HERE / "wsrecv.c"
+WSRECV = HERE / ".build" / "wsrecv"
+SCENARIOS = ("fanout", "steady", "idle_memory", "cluster")
+TOPIC = "bench"
+# Every result line has exactly these keys (None where they do not apply).
+KEYS = (
+    "scenario",
+    "server",
+    "broker",
+    "instances",
+    "subscribers",
+    "published",
+    "deliveries_per_s",
+    "deliveries_per_cpu_s",
+    "server_cpu_s",
+    "server_cpu_util",
+    "server_busy",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "lost",
+    "out_of_order",
+    "rss_kib",
+    "rss_before_kib",
+    "kib_per_connection",
+    "loadgen_cpu_s",
+    "loadgen_cpu_util",
+    "loadgen_busy",
+    "loadgen_saturated",
+    "run_queue_wait_s",
+    "receiver",
+    "nginx_cpu_s",
+    "redis_cpu_s",
+    "frame_bytes",
+    "deflate",
+    "measure_s",
+    "connect_per_s",
+    "ratio_metric",
+    "ratios",
+    "errors",
+)
+# The figure each scenario compares, and whether more is better.
+HEADLINE = {
+    "fanout": ("deliveries_per_cpu_s", True),
+    "steady": ("p99_ms", False),
+    "cluster": ("p99_ms", False),
+    "idle_memory": ("kib_per_connection", False),
+}
+MIN_CPU_WINDOW = 0.5  # seconds
+# The load generator's share of the wall time spent running or waiting for its core above
+# which it may be what limits deliveries/s (deliveries per server CPU-second stay valid).
+SATURATED = 0.9
+
+
+@dataclass
+class Plan:
+    scenarios: list[str]
+    servers: list[str]
+    subscribers: list[int]  # fanout sweep
+    steady_subscribers: int
+    rate: float
+    duration: float
+    warmup: float
+    max_notifications: int
+    connections: int
+    idle_steps: int
+    settle: float
+    instances: int
+    frame_bytes: int
+    window: int
+    deflate: bool
+    receiver: str
+    repeat: int
+    pin: bool
+    out: Path
+    plots: bool
+    profile: bool
+    profile_subscribers: list[int]
+    write_doc: bool
+    quick: bool
+    verbose: bool
+    json_only: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+QUICK = {
+    "subscribers": "100,1000,2000",
+    "steady_subscribers": 1000,
+    "duration": 3.0,
+    "warmup": 1.0,
+    "connections": 1000,
+    "idle_steps": 5,
+    "settle": 0.5,
+    "max_notifications": 20000,
+}
+FULL = {
+    "subscribers": "100,500,1000,2000,5000,10000",
+    "steady_subscribers": 1000,
+    "duration": 10.0,
+    "warmup": 2.0,
+    "connections": 5000,
+    "idle_steps": 10,
+    "settle": 1.0,
+    "max_notifications": 100000,
+}
+
+
+def parse_args(argv: list[str] | None) -> Plan:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="notifier's benchmark suite: fanout, steady, idle_memory and cluster, against baselines",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller counts and shorter runs (under ~5 minutes)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
+    p.add_argument(
+        "--servers",
+        help=f"comma-separated of {', '.join(SERVERS)} (default: all; without notifier-memory in --quick)",
+    )
+    p.add_argument("--subscribers", help="fanout subscriber counts, comma-separated")
+    p.add_argument("--steady-subscribers", type=int, help="subscribers of steady and cluster (default 1000)")
+    p.add_argument(
+        "--rate", type=float, default=20.0, help="notifications/s of steady and cluster (default 20)"
+    )
+    p.add_argument("--duration", type=float, help="seconds measured per run")
+    p.add_argument("--warmup", type=float, help="seconds of load before measuring")
+    p.add_argument("--notifications", type=int, dest="max_notifications", help="at most this many per run")
+    p.add_argument("--connections", type=int, help="idle_memory: connections opened (default 5000)")
+    p.add_argument("--idle-steps", type=int, help="idle_memory: RSS readings while opening them")
+    p.add_argument("--settle", type=float, help="idle_memory: seconds to wait before each RSS reading")
+    p.add_argument("--instances", type=int, default=3, help="cluster: notifier instances (default 3)")
+    p.add_argument("--frame-bytes", type=int, default=256, help="notification frame size (default 256)")
+    p.add_argument("--window", type=int, default=0, help="fanout: notifications in flight (default: by N)")
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate, as browsers do")
+    p.add_argument(
+        "--receiver",
+        choices=("c", "raw", "ws"),
+        default="c",
+        help="the subscribers' client: c = benchmarks/wsrecv.c, built with cc (default; raw if no compiler), "
+        "raw = a minimal JavaScript client, ws = the ws package (always with --deflate)",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="run everything R times; the table shows medians")
+    p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to cores")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--profile", action="store_true", help="also profile notifier's fanout with py-spy")
+    p.add_argument(
+        "--profile-subscribers", default="100,1000", help="--profile: subscriber counts (default 100,1000)"
+    )
+    p.add_argument("--write-doc", action="store_true", help="put the table into docs/performance.md")
+    p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the load generator's progress")
+    a = p.parse_args(argv)
+    preset = QUICK if a.quick else FULL
+    scenarios = _csv(a.scenarios)
+    for s in scenarios:
+        if s not in SCENARIOS:
+            p.error(f"--scenarios: unknown scenario {s!r} (choose from {', '.join(SCENARIOS)})")
+    default_servers = [s for s in SERVERS if not (a.quick and s == "notifier-memory")]
+    servers = _csv(a.servers) if a.servers else default_servers
+    for s in servers:
+        if s not in SERVERS:
+            p.error(f"--servers: unknown server {s!r} (choose from {', '.join(SERVERS)})")
+
+    def pick(name: str) -> Any:
+        value = getattr(a, name)
+        return preset[name] if value is None else value
+
+    subscribers = [int(x) for x in _csv(str(pick("subscribers")))]
+    if any(n < 1 for n in subscribers) or a.repeat < 1 or a.instances < 1 or a.rate <= 0:
+        p.error("counts, --repeat, --instances and --rate must be positive")
+    return Plan(
+        scenarios=scenarios,
+        servers=servers,
+        subscribers=subscribers,
+        steady_subscribers=pick("steady_subscribers"),
+        rate=a.rate,
+        duration=pick("duration"),
+        warmup=pick("warmup"),
+        max_notifications=pick("max_notifications"),
+        connections=pick("connections"),
+        idle_steps=pick("idle_steps"),
+        settle=pick("settle"),
+        instances=a.instances,
+        frame_bytes=a.frame_bytes,
+        window=a.window,
+        deflate=a.deflate,
+        receiver="ws" if a.deflate else a.receiver,
+        repeat=a.repeat,
+        pin=not a.no_pin,
+        out=a.out,
+        plots=not a.no_plots,
+        profile=a.profile,
+        profile_subscribers=[int(x) for x in _csv(a.profile_subscribers)],
+        write_doc=a.write_doc,
+        quick=a.quick,
+        verbose=a.verbose,
+        json_only=a.json_only,
+    )
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# -- load generator ------------------------------------------------------------------------
+
+
+def ensure_node(plan: Plan) -> str:
+    """node, and (for --receiver ws or --deflate only) the ws package in benchmarks/node_modules."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node (Node.js >= 18) not found: the load generator is benchmarks/loadgen.mjs")
+    if plan.receiver == "ws" and not (HERE / "node_modules" / "ws" / "package.json").exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm not found: run `npm ci` in benchmarks/ to install the ws package")
+        print(
+            "benchmarks: installing the load generator's ws package (npm ci in benchmarks/)", file=sys.stderr
+        )
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=HERE,
+            check=True,
+            timeout=300,
+            stdout=subprocess.DEVNULL,
+        )
+    return node
+
+
+def ensure_wsrecv(plan: Plan) -> None:
+    """Build benchmarks/.build/wsrecv from wsrecv.c when it is missing or older; else fall back."""
+    if plan.receiver != "c":
+        return
+    if WSRECV.exists() and WSRECV.stat().st_mtime >= WSRECV_SOURCE.stat().st_mtime:
+        return
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        print("benchmarks: no C compiler (cc): the JavaScript receiver is used instead", file=sys.stderr)
+        plan.receiver = "raw"
+        return
+    WSRECV.parent.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(WSRECV), str(WSRECV_SOURCE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        print(
+            f"benchmarks: building wsrecv failed, using the JavaScript receiver:\n{done.stderr}",
+            file=sys.stderr,
+        )
+        plan.receiver = "raw"
+
+
+def run_loadgen(plan: Plan, cfg: dict[str, Any], core: int | None, logdir: Path) -> dict[str, Any]:
+    node = ensure_node(plan)
+    cfg = {"clkTck": CLK_TCK, "quiet": not plan.verbose, **cfg}
+    cfg.setdefault("hardTimeout", 60 + cfg.get("connectTimeout", 120) + 2 * (cfg.get("duration") or 0))
+    log = logdir / f"loadgen-{time.time_ns()}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [node, str(LOADGEN), json.dumps(cfg)],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=None if plan.verbose else err,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None,
+        )
+        try:
+            out, _ = proc.communicate(timeout=cfg["hardTimeout"] + 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    lines = out.decode(errors="replace").strip().splitlines()
+    if not lines:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"the load generator printed nothing (status {proc.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeError(f"the load generator failed: {result['error']}")
+    return result
+
+
+def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict[str, Any]:
+    # Notifications in flight: enough that both sides batch (several frames per socket read and
+    # write), bounded so a subscriber never has more than 64 frames (16 KiB) pending.
+    window = plan.window or max(8, min(64, -(-32000 // subscribers)))
+    return {
+        "mode": mode,
+        "wsUrl": target.ws_url,
+        "publishUrl": target.publish_url,
+        "secret": target.secret,
+        "topic": TOPIC,
+        "subscribers": subscribers,
+        "pids": target.pids,
+        "duration": plan.duration,
+        "warmup": plan.warmup,
+        "maxNotifications": plan.max_notifications,
+        "frameBytes": plan.frame_bytes,
+        "deflate": plan.deflate,
+        "receiver": plan.receiver,
+        "wsrecv": str(WSRECV),
+        "window": window,
+        "rate": plan.rate,
+        "settle": plan.settle,
+        "steps": plan.idle_steps,
+        "connectConcurrency": 100,
+        "connectTimeout": 30 + subscribers / 100,
+    }
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) -> dict[str, Any]:
+    cpu: dict[str, float] = lg.get("cpu_s") or {}
+    server_cpu = cpu.get("server")
+    measured = lg.get("measured_deliveries")
+    errors = []
+    if lg.get("connect_errors"):
+        errors.append(f"{lg['connect_errors']} connections failed")
+    if lg.get("publish_errors"):
+        errors.append(f"{lg['publish_errors']} publishes failed ({lg.get('last_publish_error')})")
+    if lg.get("closed_early"):
+        errors.append(f"{lg['closed_early']} sockets closed by the server")
+    if lg.get("stalled"):
+        errors.append("fan-out stalled")
+    if lg.get("out_of_order"):
+        errors.append(f"{lg['out_of_order']} frames out of id order")
+    if scenario == "idle_memory":
+        loadgen_cpu, loadgen_util = lg.get("loadgen_total_cpu_s"), None
+        if lg.get("loadgen_total_s"):
+            loadgen_util = round(lg["loadgen_total_cpu_s"] / lg["loadgen_total_s"], 3)
+    else:
+        loadgen_cpu, loadgen_util = cpu.get("loadgen"), lg.get("loadgen_cpu_util")
+    # CPU times tick at 1/CLK_TCK (10 ms): over a shorter window the CPU figures mean nothing.
+    if (lg.get("measure_s") or 0) < MIN_CPU_WINDOW:
+        server_cpu = None
+        if scenario != "idle_memory":
+            loadgen_util = None
+        lg = {**lg, "server_cpu_util": None, "server_busy": None, "loadgen_busy": None}
+    line: dict[str, Any] = {
+        "scenario": scenario,
+        "server": server,
+        "broker": target.info.get("broker"),
+        "instances": target.info.get("instances"),
+        "subscribers": lg.get("subscribers"),
+        "published": lg.get("published"),
+        "deliveries_per_s": lg.get("deliveries_per_s"),
+        "deliveries_per_cpu_s": round(measured / server_cpu) if measured and server_cpu else None,
+        "server_cpu_s": server_cpu,
+        "server_cpu_util": lg.get("server_cpu_util"),
+        "server_busy": lg.get("server_busy"),
+        "p50_ms": lg.get("p50_ms"),
+        "p90_ms": lg.get("p90_ms"),
+        "p99_ms": lg.get("p99_ms"),
+        "max_ms": lg.get("max_ms"),
+        "lost": lg.get("lost"),
+        "out_of_order": lg.get("out_of_order"),
+        "rss_kib": lg.get("rss_kib", lg.get("rss_after_kib")),
+        "rss_before_kib": lg.get("rss_before_kib"),
+        "kib_per_connection": lg.get("kib_per_connection"),
+        "loadgen_cpu_s": loadgen_cpu,
+        "loadgen_cpu_util": loadgen_util,
+        "loadgen_busy": lg.get("loadgen_busy"),
+        "loadgen_saturated": bool((lg.get("loadgen_busy") or loadgen_util or 0) > SATURATED),
+        "run_queue_wait_s": lg.get("run_queue_wait_s"),
+        "receiver": lg.get("receiver"),
+        "nginx_cpu_s": cpu.get("nginx"),
+        "redis_cpu_s": cpu.get("redis"),
+        "frame_bytes": lg.get("frame_bytes"),
+        "deflate": lg.get("deflate"),
+        "measure_s": lg.get("measure_s"),
+        "connect_per_s": round(lg["connected"] / lg["connect_s"]) if lg.get("connect_s") else None,
+        "ratio_metric": HEADLINE[scenario][0],
+        "ratios": None,
+        "errors": errors,
+    }
+    assert tuple(line) == KEYS
+    return line
+
+
+def run_one(
+    plan: Plan, scenario: str, server: str, subscribers: int, secret: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start ``server`` fresh, run one scenario's load against it, stop it: (result line, details)."""
+    server_core, load_core = cores() if plan.pin else (None, None)
+    logdir = Path(tempfile.mkdtemp(prefix="notifier-bench-"))
+    dep = Deployment(logdir)
+    try:
+        if scenario == "cluster":
+            target = start_cluster(dep, server, secret, plan.instances, server_core, load_core)
+        else:
+            target = start_single(dep, server, secret, server_core, load_core)
+        mode = {"fanout": "fanout", "steady": "steady", "cluster": "steady", "idle_memory": "idle"}[scenario]
+        lg = run_loadgen(plan, loadgen_cfg(plan, target, mode, subscribers), load_core, logdir)
+    except BaseException:
+        print(f"benchmarks: {scenario}/{server} failed; logs kept in {logdir}", file=sys.stderr)
+        dep.stop()
+        raise
+    dep.stop()
+    line = result_line(scenario, server, target, lg)
+    if line["errors"]:
+        print(
+            f"benchmarks: {scenario}/{server}: {'; '.join(line['errors'])}; logs kept in {logdir}",
+            file=sys.stderr,
+        )
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)
+    details = {
+        "line": line,
+        "cdf": lg.get("cdf"),
+        "rss_steps": lg.get("rss_steps"),
+        "info": target.info,
+        "cpu_s": lg.get("cpu_s"),
+        "connect_s": lg.get("connect_s"),
+        "window": lg.get("window"),
+        "reads_in_window": lg.get("reads_in_window"),
+        "measured_deliveries": lg.get("measured_deliveries"),
+        "loadgen_user_sys_s": lg.get("loadgen_user_sys_s"),
+    }
+    return line, details
+
+
+def add_ratios(line: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> None:
+    """notifier's headline figure divided by each baseline's from the same run."""
+    metric = line["ratio_metric"]
+    ratios = {}
+    for name, other in baselines.items():
+        mine, theirs = line.get(metric), other.get(metric)
+        ratios[name] = round(mine / theirs, 3) if mine is not None and theirs else None
+    line["ratios"] = ratios or None
+
+
+def groups(plan: Plan) -> Iterator[tuple[str, int, list[str]]]:
+    """(scenario, subscribers, servers in run order: baselines first, so notifier lines carry ratios)."""
+    order = sorted(plan.servers, key=lambda s: (s not in BASELINES, SERVERS.index(s)))
+    for scenario in plan.scenarios:
+        servers = [s for s in order if not (scenario == "cluster" and s == "notifier-memory")]
+        if scenario == "fanout":
+            for n in plan.subscribers:
+                yield scenario, n, servers
+        elif scenario == "idle_memory":
+            yield scenario, plan.connections, servers
+        else:
+            yield scenario, plan.steady_subscribers, servers
+
+
+# -- the whole run -------------------------------------------------------------------------
+
+
+def metadata(plan: Plan) -> dict[str, Any]:
+    def version(module: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(module)
+        except Exception:  # noqa: BLE001 - not installed
+            return None
+
+    def command(argv: list[str]) -> str | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return (
+            (done.stdout + done.stderr).strip().splitlines()[0]
+            if (done.stdout + done.stderr).strip()
+            else None
+        )
+
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ws_version = None
+    try:
+        ws_version = json.loads((HERE / "node_modules" / "ws" / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        from benchmarks.servers import binary
+
+        nginx, redis = command([binary("nginx"), "-v"]), command([binary("redis-server"), "--version"])
+        nginx = nginx.rsplit("/", 1)[-1] if nginx else None  # "nginx version: nginx/1.22.1"
+        if redis and " v=" in redis:  # "Redis server v=7.0.15 sha=..."
+            redis = redis.split(" v=", 1)[1].split()[0]
+    except RuntimeError:
+        nginx = redis = None
+    server_core, load_core = cores() if plan.pin else (None, None)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {
+            "cpu": cpu_model,
+            "cores": os.cpu_count(),
+            "kernel": platform.release(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "notifier": version("notifier"),
+            "uvicorn": version("uvicorn"),
+            "websockets": version("websockets"),
+            "fastapi": version("fastapi"),
+            "starlette": version("starlette"),
+            "uvloop": version("uvloop"),
+            "httptools": version("httptools"),
+            "orjson": version("orjson"),
+            "redis-py": version("redis"),
+            "hiredis": version("hiredis"),
+            "redis-server": redis,
+            "nginx": nginx,
+            "node": command(["node", "--version"]),
+            "ws (node)": ws_version,
+        },
+        "pinning": {"server_core": server_core, "loadgen_core": load_core},
+        "node": command(["node", "--version"]),
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items() if k != "meta"},
+        "loadavg_start": loadavg(),
+    }
+
+
+def loadgen_description(plan: Plan) -> str:
+    node = plan.meta.get("node") or "Node.js"
+    if plan.receiver == "c":
+        return (
+            f"Node.js {node} publishing and measuring + wsrecv (C, epoll) holding the subscribers, one core"
+        )
+    if plan.receiver == "ws":
+        deflate = ", permessage-deflate offered" if plan.deflate else ""
+        return f"Node.js {node} + the ws package, one process{deflate}"
+    return f"Node.js {node}, one process, minimal WebSocket client"
+
+
+def median_lines(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """One line from repeats of the same run: the median of each number, the rest from the first."""
+    if len(lines) == 1:
+        return lines[0]
+    merged = dict(lines[0])
+    for key, value in merged.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = [x[key] for x in lines if isinstance(x.get(key), int | float)]
+            merged[key] = statistics.median(values) if values else value
+    merged["errors"] = sorted({e for x in lines for e in x["errors"]})
+    return merged
+
+
+@contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        stop_all()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(argv)
+    plan.meta = metadata(plan)
+    secret = secrets.token_urlsafe(32)
+    out: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with cleanup_on_signals():
+        try:
+            ensure_wsrecv(plan)
+            ensure_node(plan)
+            plan.meta["loadgen"] = loadgen_description(plan)
+            for rep in range(plan.repeat):
+                for scenario, n, servers in groups(plan):
+                    baselines: dict[str, dict[str, Any]] = {}
+                    for server in servers:
+                        line, details = run_one(plan, scenario, server, n, secret)
+                        details["repeat"] = rep
+                        if server in BASELINES:
+                            baselines[server] = line
+                        else:
+                            add_ratios(line, baselines)
+                        print(json.dumps(line), flush=True)
+                        out.append(details)
+            if plan.profile:
+                from benchmarks.profile import profile_fanout
+
+                profile_fanout(plan, secret)
+        except KeyboardInterrupt:
+            print("benchmarks: interrupted; every process started was stopped", file=sys.stderr)
+            return 130
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            print(f"benchmarks: error: {exc}", file=sys.stderr)
+            return 1
+    plan.meta["loadavg_end"] = loadavg()
+    plan.meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    summary = summarize(out)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "latest.json").write_text(json.dumps({"meta": plan.meta, "runs": out}, indent=1) + "\n")
+    table = report.markdown(summary, plan.meta)
+    (plan.out / "latest.md").write_text(table)
+    if not plan.json_only:
+        print()
+        print(table)
+    if plan.plots:
+        made = report.plots(out, plan.out)
+        if not plan.json_only and made:
+            print(
+                "plots: "
+                + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in made)
+            )
+    if plan.write_doc:
+        report.write_doc(ROOT / "docs" / "performance.md", table)
+    return 0
+
+
+def summarize(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (scenario, subscribers, server): the median over repeats, ratios recomputed."""
+    keyed: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for details in out:
+        line = details["line"]
+        keyed.setdefault((line["scenario"], line["subscribers"], line["server"]), []).append(line)
+    merged = {k: median_lines(v) for k, v in keyed.items()}
+    for (scenario, n, server), line in merged.items():
+        if server not in BASELINES:
+            add_ratios(line, {b: merged[(scenario, n, b)] for b in BASELINES if (scenario, n, b) in merged})
+    return list(merged.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Smoke run of the benchmark suite (benchmarks/, docs/performance.md) so it never rots.
+
+Every scenario against notifier (Redis broker) and both baselines with tiny numbers: each must
+print one JSON line with the expected keys, and nothing may be lost. No timing assertions.
+Needs node (the load generator), redis-server and nginx; the C receiver is built with cc when
+there is one, else the JavaScript receiver runs (neither needs benchmarks/node_modules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+SERVERS = ("fastapi_manager", "ws_broadcast", "notifier")
+SCENARIOS = ("fanout", "steady", "idle_memory", "cluster")
+
+
+# What every result line carries (docs/performance.md describes each).
+REQUIRED_KEYS = {
+    "scenario", "server", "subscribers", "published", "deliveries_per_s", "deliveries_per_cpu_s",
+    "server_cpu_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "lost", "rss_kib", "kib_per_connection",
+    "loadgen_cpu_s", "loadgen_cpu_util", "ratio_metric", "ratios", "errors",
+}  # fmt: skip
+
+
+def _missing() -> list[str]:
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    return [name for name in ("node", "redis-server", "nginx") if shutil.which(name, path=search) is None]
+
+
+def test_every_scenario_prints_a_json_line_and_loses_nothing(tmp_path: Path) -> None:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"the benchmark needs {', '.join(missing)}")
+    argv = [
+        sys.executable, "-m", "benchmarks",
+        "--scenarios", ",".join(SCENARIOS), "--servers", ",".join(SERVERS),
+        "--subscribers", "5", "--steady-subscribers", "5", "--notifications", "10",
+        "--duration", "1", "--warmup", "0.2", "--rate", "20",
+        "--connections", "5", "--idle-steps", "2", "--settle", "0.1", "--instances", "2",
+        "--out", str(tmp_path), "--no-plots", "--json-only",
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, f"status {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    seen = {(line["scenario"], line["server"]) for line in lines}
+    assert seen == {(scenario, server) for scenario in SCENARIOS for server in SERVERS}, done.stdout
+    assert len(lines) == len(seen)
+    for line in lines:
+        assert REQUIRED_KEYS <= line.keys(), REQUIRED_KEYS - line.keys()
+        assert line.keys() == lines[0].keys(), line
+        assert line["lost"] == 0, line
+        assert line["published"] and line["published"] >= 1, line
+        assert line["out_of_order"] == 0, line
+        assert line["errors"] == [], line
+        if line["server"] == "notifier":
+            assert set(line["ratios"]) == {"fastapi_manager", "ws_broadcast"}, line
+    idle = [line for line in lines if line["scenario"] == "idle_memory"]
+    assert all(line["rss_before_kib"] and line["rss_kib"] for line in idle), idle
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert len(results["runs"]) == len(lines)
+    assert (tmp_path / "latest.md").read_text().count("| notifier") >= 1
