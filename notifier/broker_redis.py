@@ -45,7 +45,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 # KEYS: sequence counter, epoch, topic channel, topic history stream, topic trim mark, [idempotency key]
 # ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,
-#       deadline in Redis's clock (unix ms, "" when the clock offset is not known yet)
+#       deadline in Redis's clock (unix ms)
 # Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}; past the
 # deadline {"", 2}: the caller has given up (answered 503) by then, so nothing may be published.
 # Id, history and publication happen in one atomic step: ids follow publish order across every
@@ -54,11 +54,9 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # away, and the epoch the id a fresh counter started from: a recovery from before the epoch
 # (a Redis that lost its data) or from before the trim mark has lost something.
 PUBLISH_LUA = """
-if ARGV[6] ~= '' then
-  local now = redis.call('TIME')
-  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
-    return {'', 2}
-  end
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
+  return {'', 2}
 end
 if #KEYS == 6 then
   local previous = redis.call('GET', KEYS[6])
@@ -165,11 +163,11 @@ class RedisBroker:
         if idempotency_key is not None:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
         tail = notification_tail(topic, data_json, ts)
-        deadline = ""
-        if self._clock_offset is not None:
-            # A publish that reaches Redis after we answered 503 must not happen: the script
-            # refuses past this deadline, set in Redis's own clock a margin before our timeout.
-            deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
+        if self._clock_offset is None:
+            raise BrokerUnavailable("redis: not connected yet")
+        # A publish that reaches Redis after we answered 503 must not happen: the script refuses
+        # past this deadline, set in Redis's own clock a margin before our timeout fires.
+        deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
         args: list[Any] = [tail, ts, IDEMPOTENCY_TTL, topic, self._history_size, deadline]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
@@ -291,6 +289,12 @@ class RedisBroker:
                     unconfirmed.discard(channel)
                     if not unconfirmed:
                         await self._resync(pubsub, wanted)
+                        # Pooled publish connections may date from before a Redis restart:
+                        # drop the idle ones, or the first publish after it fails. And no
+                        # publish may go out without a deadline: measure Redis's clock first.
+                        await self._pub.connection_pool.disconnect(inuse_connections=False)
+                        async with asyncio.timeout(PUBLISH_TIMEOUT):
+                            await self._measure_clock()
                         self._was_connected = True
                         self._set_connected(True)
                 waiters = self._waiters.get((kind, channel))
@@ -347,10 +351,7 @@ class RedisBroker:
         self._probe_sent = {token: time.monotonic()}
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
-                before = time.time()
-                seconds, micros = await self._pub.time()
-                after = time.time()
-                self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
+                await self._measure_clock()
                 await self._pub.publish(self._probe_channel, token)
         except TimeoutError:
             _check_cancelled()
@@ -363,6 +364,12 @@ class RedisBroker:
         while token in self._probe_sent and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return token not in self._probe_sent
+
+    async def _measure_clock(self) -> None:
+        before = time.time()
+        seconds, micros = await self._pub.time()
+        after = time.time()
+        self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
 
     async def _restart_listener(self) -> None:
         if self._stop.is_set():
