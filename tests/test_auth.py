@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 from conftest import SECRET, mint_token
+from support import wait_until
 
 from notifier.auth import Principal, TokenAuthority, bearer
 from notifier.errors import AuthError, Forbidden
@@ -265,3 +266,20 @@ def test_scope_names_are_whole_words() -> None:
     assert not p.may_publish("news")
     with pytest.raises(Forbidden):
         p.check_subscribe(["news"])
+
+
+def test_a_token_verified_before_is_refused_once_it_has_expired() -> None:
+    authority = TokenAuthority(SECRET)
+    token = mint_token(ttl=1.2)
+    assert authority.verify(token).sub == "alice"  # verified once, then remembered
+
+    def refused() -> bool:
+        try:
+            authority.verify(token)
+        except AuthError:
+            return True
+        return False
+
+    wait_until(refused, 5, "the remembered token to expire")
+    with pytest.raises(AuthError, match="expired"):
+        authority.verify(token)
