@@ -268,7 +268,7 @@ class RedisBroker:
             self._end_session()
             try:
                 async with asyncio.timeout(1):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: BLE001 - the link is already gone
                 pass
 

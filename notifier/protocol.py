@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -24,7 +24,7 @@ class BadFrame(ValueError):
     """A client frame that is not valid JSON, not an object, or of an unknown shape."""
 
 
-def valid_topic(topic: object) -> bool:
+def valid_topic(topic: object) -> TypeGuard[str]:
     return isinstance(topic, str) and TOPIC_RE.fullmatch(topic) is not None
 
 
