@@ -85,7 +85,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
     params = websocket.query_params
-    token = params.get("token") or bearer(websocket.headers.get("authorization"))
+    token = params.get("token") or bearer(_header(websocket, b"authorization"))
     try:
         principal = services.authority.verify(token)
         raw = params.get("topics")
@@ -95,6 +95,15 @@ def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, lis
     except (AuthError, Forbidden, BadFrame, ValueError) as exc:
         raise Handshake(403, str(exc)) from None
     return principal, topics, since
+
+
+def _header(websocket: WebSocket, name: bytes) -> str | None:
+    """One request header, read from the scope: Starlette's ``websocket.headers`` would keep a
+    parsed copy of them all alive for the socket's whole life."""
+    for key, value in websocket.scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _admit(services: Services, principal: Principal) -> Connection:
@@ -120,6 +129,19 @@ async def _deny(services: Services, websocket: WebSocket, refusal: Handshake) ->
 
 class Session:
     """One accepted socket: reads client frames, runs the writer, enforces limits and expiry."""
+
+    __slots__ = (
+        "services",
+        "node",
+        "websocket",
+        "conn",
+        "max_bytes",
+        "tokens",
+        "refilled",
+        "expiry",
+        "watchdog",
+        "writer",
+    )
 
     def __init__(self, services: Services, websocket: WebSocket, conn: Connection) -> None:
         self.services = services
