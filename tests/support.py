@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ import anyio
 import httpx
 import orjson
 from starlette.testclient import WebSocketTestSession
+
+from notifier.broker_memory import MemoryBroker
+from notifier.errors import BrokerUnavailable
+from notifier.protocol import Accepted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,9 +65,14 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "co
 
 
 class RedisServer:
-    """A real ``redis-server`` on a free loopback port, no persistence."""
+    """A real ``redis-server`` on a free loopback port; no persistence unless ``durable``.
 
-    def __init__(self) -> None:
+    ``durable``: an append-only file fsynced before every reply, in its own directory, so a
+    SIGKILLed server restarted on the same port comes back with every acknowledged write.
+    """
+
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(binary):
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -86,14 +96,17 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self.dir,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(self.ping, 10, "redis-server to answer PING")
+        # PING answers -LOADING (not +PONG) while an append-only file is replayed.
+        wait_until(self.ping, 30 if self.durable else 10, "redis-server to answer PING")
 
     def ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -105,6 +118,37 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+def start_all(instances: Iterable[Instance]) -> None:
+    """Start instances side by side (each waits for its own /readyz)."""
+    instances = list(instances)
+    with ThreadPoolExecutor(len(instances)) as pool:
+        list(pool.map(Instance.start, instances))
+
+
+def stop_all(instances: Iterable[Instance]) -> None:
+    """Stop instances and print the tail of each log (pytest shows it only for a failed test)."""
+    for instance in instances:
+        instance.stop()
+        print(f"--- {instance.url} log (tail) ---", *instance.output().splitlines()[-40:], sep="\n")
+        instance.log.close()
+        os.unlink(instance.log.name)
+
+
+class FailingBroker(MemoryBroker):
+    """The memory broker, whose publish raises BrokerUnavailable while ``failing`` is set."""
+
+    def __init__(self, failing: bool = True) -> None:
+        super().__init__()
+        self.failing = failing
+
+    async def publish(
+        self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
+    ) -> Accepted:
+        if self.failing:
+            raise BrokerUnavailable("broker is down (test)")
+        return await super().publish(topic, data_json, ts, idempotency_key)
 
 
 class Instance:

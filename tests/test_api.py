@@ -12,12 +12,9 @@ from conftest import Mint, make_settings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketTestSession
-from support import recv
+from support import FailingBroker, recv
 
 from notifier.app import create_app
-from notifier.broker_memory import MemoryBroker
-from notifier.errors import BrokerUnavailable
-from notifier.protocol import Accepted
 
 URL = "/v1/notifications"
 
@@ -37,24 +34,6 @@ def subscriber(client: TestClient, token: str, topics: str) -> Iterator[WebSocke
 def app_client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         yield test_client
-
-
-class FailingBroker(MemoryBroker):
-    """The memory broker whose publish raises BrokerUnavailable while ``failing`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing = True
-
-    async def publish(
-        self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
-    ) -> Accepted:
-        if self.failing:
-            raise BrokerUnavailable("broker is down (test)")
-        return await super().publish(topic, data_json, ts, idempotency_key)
-
-
-# -- POST /v1/notifications: success -------------------------------------------------------------
 
 
 def test_publish_answers_202_with_id_topic_and_ts(client: TestClient, mint: Mint) -> None:

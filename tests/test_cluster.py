@@ -14,7 +14,6 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
@@ -23,7 +22,7 @@ import anyio
 import httpx
 import pytest
 from conftest import SECRET, mint_token
-from support import Instance, RedisServer, SlowLink
+from support import Instance, RedisServer, SlowLink, start_all, stop_all
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -43,21 +42,6 @@ Json = dict[str, Any]
 
 def fresh(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def start_all(instances: list[Instance]) -> None:
-    """Start the instances side by side (each waits for its own /readyz)."""
-    with ThreadPoolExecutor(len(instances)) as pool:
-        list(pool.map(Instance.start, instances))
-
-
-def stop_all(instances: list[Instance]) -> None:
-    for instance in instances:
-        instance.stop()
-        # Shown by pytest only when a test of this instance failed.
-        print(f"--- {instance.url} log (tail) ---", *instance.output().splitlines()[-40:], sep="\n")
-        instance.log.close()
-        os.unlink(instance.log.name)
 
 
 @asynccontextmanager

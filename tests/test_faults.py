@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 from conftest import SECRET, mint_token
-from support import ROOT, Instance, RedisServer, free_port, wait_until
+from support import ROOT, Instance, RedisServer, free_port, start_all, stop_all, wait_until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
@@ -60,38 +59,6 @@ SBIN = ["/usr/local/sbin", "/usr/sbin", "/sbin"]
 # -- processes ----------------------------------------------------------------------------------
 
 
-class DurableRedis(RedisServer):
-    """``support.RedisServer`` with an append-only file fsynced before every reply, in its own
-    temporary directory: a SIGKILLed server restarted on the same port comes back with every
-    acknowledged write (ids, history streams, idempotency keys), as a production Redis with
-    ``appendfsync always`` would."""
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                self.dir,
-                "--logfile",
-                os.path.join(self.dir, "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # PING answers -LOADING (not +PONG) while the append-only file is replayed.
-        wait_until(self.ping, 30, "redis-server to load its append-only file and answer PING")
-
-
 def kill(server: RedisServer) -> None:
     """SIGKILL: no shutdown, no last write; the process is reaped so the port is free again."""
     assert server.proc is not None
@@ -110,21 +77,6 @@ async def redis_running(server: RedisServer) -> AsyncIterator[RedisServer]:
             os.kill(server.proc.pid, signal.SIGCONT)  # harmless unless a test left it frozen
         await asyncio.to_thread(server.stop)
         shutil.rmtree(server.dir, ignore_errors=True)
-
-
-def start_all(instances: Iterable[Instance]) -> None:
-    instances = list(instances)
-    with ThreadPoolExecutor(len(instances)) as pool:
-        list(pool.map(Instance.start, instances))
-
-
-def stop_all(instances: Iterable[Instance]) -> None:
-    for instance in instances:
-        instance.stop()
-        # Shown by pytest only when the test failed.
-        print(f"--- {instance.url} log (tail) ---", *instance.output().splitlines()[-30:], sep="\n")
-        instance.log.close()
-        os.unlink(instance.log.name)
 
 
 @asynccontextmanager
@@ -469,7 +421,7 @@ async def test_redis_killed_and_restarted_mid_stream_subscribers_recover_every_n
     is exactly the accepted ids after it, so each ends with all N accepted ids, once each, in
     id order, each with its own payload.
     """
-    redis = DurableRedis()
+    redis = RedisServer(durable=True)
     env = {"NOTIFIER_BROKER_URL": redis.url, "NOTIFIER_JWT_SECRET": SECRET}
     a, b = Instance(env), Instance(env)
     topic = fresh()

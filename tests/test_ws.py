@@ -15,12 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
-from support import recv, wait_until
+from support import FailingBroker, recv, wait_until
 
 from notifier.app import create_app
-from notifier.broker_memory import MemoryBroker
-from notifier.errors import BrokerUnavailable
-from notifier.protocol import Accepted
 
 Frame = dict[str, Any]
 
@@ -95,24 +92,6 @@ def connections_metric(client: TestClient) -> float:
         if line.startswith("notifier_connections "):
             return float(line.split()[-1])
     raise AssertionError("notifier_connections missing from /metrics")
-
-
-class SwitchableBroker(MemoryBroker):
-    """The memory broker, whose publish fails with BrokerUnavailable while ``failing`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing = False
-
-    async def publish(
-        self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
-    ) -> Accepted:
-        if self.failing:
-            raise BrokerUnavailable("broker is down (test)")
-        return await super().publish(topic, data_json, ts, idempotency_key)
-
-
-# -- hello ---------------------------------------------------------------------------------------
 
 
 def test_hello_comes_first_and_lists_broadcast_own_user_topic_and_requested_topics(
@@ -319,7 +298,7 @@ def test_publish_frame_to_a_topic_outside_the_claim_is_forbidden(client: TestCli
 
 
 def test_publish_frame_while_the_broker_is_down_gets_unavailable(mint: Mint) -> None:
-    broker = SwitchableBroker()
+    broker = FailingBroker(failing=False)
     with app_client(create_app(make_settings(), broker=broker)) as client:
         with connect(client, mint()) as (ws, _):
             broker.failing = True
