@@ -82,10 +82,14 @@ class Connection:
         """Hand over one notification: True when written to the socket at once, else queued."""
         sink = self.sink
         if sink is None or self.queue or self.busy or self.close_code is not None or not sink.writable():
-            self.push(n.frame, n.size, n.ts, n.wire)
+            self.enqueue(n)
             return False
         sink.write(n.wire)
         return True
+
+    def enqueue(self, n: Notification) -> None:
+        """Queue one notification for the writer (replays, and sockets that cannot take it now)."""
+        self.push(n.frame, n.size, n.ts, n.wire)
 
     def push(self, text: str, size: int, ts: int = 0, wire: bytes = b"") -> None:
         """Queue one frame (never blocks); overflow dooms the connection."""

@@ -92,12 +92,8 @@ class Node:
         Raises :class:`BrokerUnavailable`; topics subscribed before the failure stay subscribed.
         """
         for topic in topics:
-            if topic in conn.topics:
-                continue
-            async with self._topic_lock(topic):
-                if self.hub.count(topic) == 0:
-                    await self.broker.subscribe(topic)
-                self.hub.add(conn, topic)
+            if topic not in conn.topics:
+                await self._join(conn, topic, hold=False)
 
     async def catch_up(self, conn: Connection, topics: list[str], since: int) -> CatchUp:
         """Subscribe ``conn`` to ``topics`` and read what it missed after ``since``.
@@ -116,10 +112,7 @@ class Node:
                     self.hub.hold(conn, topic)
                     moved.append(topic)
                     continue
-                async with self._topic_lock(topic):
-                    if self.hub.count(topic) == 0:
-                        await self.broker.subscribe(topic)
-                    self.hub.hold(conn, topic)
+                await self._join(conn, topic, hold=True)
                 held.append(topic)
             limit = max(1, self.history_size)
             everything = moved + held
@@ -127,21 +120,29 @@ class Node:
         except BaseException:
             for topic in moved:  # back to live, with whatever arrived meanwhile
                 for n in self.hub.release(conn, topic):
-                    conn.push(n.frame, n.size, n.ts, n.wire)
+                    conn.enqueue(n)
             await self.unsubscribe(conn, held)
             raise
         replay = sorted((n for h in histories for n in h.notifications), key=lambda n: n.id)
         return CatchUp(everything, since, replay, all(h.complete for h in histories))
 
+    async def _join(self, conn: Connection, topic: str, hold: bool) -> None:
+        """Add ``conn`` to ``topic`` (live, or held for a catch-up), taking the broker
+        subscription first if it is the topic's first local subscriber."""
+        async with self._topic_lock(topic):
+            if self.hub.count(topic) == 0:
+                await self.broker.subscribe(topic)
+            (self.hub.hold if hold else self.hub.add)(conn, topic)
+
     def finish(self, conn: Connection, catch_up: CatchUp) -> None:
         """Queue the replay, then what arrived live meanwhile (minus duplicates), and go live."""
         seen = {n.id for n in catch_up.replay}
         for n in catch_up.replay:
-            conn.push(n.frame, n.size, n.ts, n.wire)
+            conn.enqueue(n)
         for topic in catch_up.topics:
             for n in self.hub.release(conn, topic):
                 if n.id > catch_up.since and n.id not in seen:
-                    conn.push(n.frame, n.size, n.ts, n.wire)
+                    conn.enqueue(n)
 
     async def history(self, topic: str, since: int | None, limit: int) -> History:
         return await self.broker.history(topic, since, limit)

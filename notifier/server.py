@@ -27,6 +27,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 
 from notifier.node import Node
+from notifier.ws import ABORT_EXTENSION, SINK_EXTENSION
 
 log = logging.getLogger("notifier.server")
 
@@ -51,8 +52,6 @@ def install_log_filters() -> None:
         logging.getLogger(name).addFilter(RedactTokens())
 
 
-ABORT_EXTENSION = "notifier.abort"
-SINK_EXTENSION = "notifier.sink"
 
 
 class DirectSink:

@@ -36,8 +36,9 @@ RATE_PER_SECOND = 100.0
 RATE_BURST = 200.0
 EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
 CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain before it is dropped
-ABORT_EXTENSION = "notifier.abort"  # see notifier.server.WebSocketProtocol
-SINK_EXTENSION = "notifier.sink"  # see notifier.server.WebSocketProtocol
+# ASGI extensions offered by notifier.server.WebSocketProtocol (other servers offer neither).
+ABORT_EXTENSION = "notifier.abort"
+SINK_EXTENSION = "notifier.sink"
 
 
 class Handshake(Exception):
