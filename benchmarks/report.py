@@ -116,8 +116,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             ]
             for x in _order(by[scenario])
         ]
+        upstream = "Unix sockets" if by[scenario][0].get("upstream") != "tcp" else "TCP"
         what = (
-            "through nginx; the instances share one core, nginx and redis on the load generator's"
+            f"through nginx over {upstream}; the instances share one core, redis on the load "
+            "generator's, nginx on either"
             if scenario == "cluster"
             else "one server process"
         )

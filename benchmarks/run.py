@@ -54,6 +54,7 @@ KEYS = (
     "server",
     "broker",
     "instances",
+    "upstream",
     "subscribers",
     "published",
     "deliveries_per_s",
@@ -113,6 +114,7 @@ class Plan:
     idle_steps: int
     settle: float
     instances: int
+    upstream: str
     frame_bytes: int
     window: int
     deflate: bool
@@ -175,6 +177,12 @@ def parse_args(argv: list[str] | None) -> Plan:
     p.add_argument("--idle-steps", type=int, help="idle_memory: RSS readings while opening them")
     p.add_argument("--settle", type=float, help="idle_memory: seconds to wait before each RSS reading")
     p.add_argument("--instances", type=int, default=3, help="cluster: notifier instances (default 3)")
+    p.add_argument(
+        "--upstream",
+        choices=("unix", "tcp"),
+        default="unix",
+        help="cluster: nginx reaches the servers over Unix sockets (default, as deploy/local-cluster) or TCP",
+    )
     p.add_argument("--frame-bytes", type=int, default=256, help="notification frame size (default 256)")
     p.add_argument("--window", type=int, default=0, help="fanout: notifications in flight (default: by N)")
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate, as browsers do")
@@ -228,6 +236,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         idle_steps=pick("idle_steps"),
         settle=pick("settle"),
         instances=a.instances,
+        upstream=a.upstream,
         frame_bytes=a.frame_bytes,
         window=a.window,
         deflate=a.deflate,
@@ -396,6 +405,7 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         "server": server,
         "broker": target.info.get("broker"),
         "instances": target.info.get("instances"),
+        "upstream": target.info.get("upstream"),
         "subscribers": lg.get("subscribers"),
         "published": lg.get("published"),
         "deliveries_per_s": lg.get("deliveries_per_s"),
@@ -441,7 +451,9 @@ def run_one(
     dep = Deployment(logdir)
     try:
         if scenario == "cluster":
-            target = start_cluster(dep, server, secret, plan.instances, server_core, load_core)
+            target = start_cluster(
+                dep, server, secret, plan.instances, server_core, load_core, plan.upstream
+            )
         else:
             target = start_single(dep, server, secret, server_core, load_core)
         mode = {"fanout": "fanout", "steady": "steady", "cluster": "steady", "idle_memory": "idle"}[scenario]

@@ -8,11 +8,11 @@
 - ``fastapi_manager``: the FastAPI textbook ``ConnectionManager`` (benchmarks/baselines);
 - ``ws_broadcast``: plain ``websockets`` with ``websockets.broadcast()`` (benchmarks/baselines).
 
-The ``cluster`` scenario puts nginx in front: for notifier, ``deploy/local-cluster`` (or, when
-that script is missing, the same topology started here: redis-server, N instances and nginx
-rendered from the repository's ``nginx.conf``); for a baseline, which has no broker, one
-instance behind the same nginx configuration. The instances of a cluster share the one server
-core a single server has; nginx and redis-server run on the load generator's core.
+The ``cluster`` scenario puts nginx in front: for notifier, ``deploy/local-cluster``; for a
+baseline, which has no broker, one instance behind the same nginx configuration, reached the
+same way (a Unix socket unless ``--upstream tcp``). The instances of a cluster share the one
+server core a single server has; redis-server runs on the load generator's core and nginx on
+whichever core is idle (see ``start_cluster``).
 """
 
 from __future__ import annotations
@@ -139,23 +139,25 @@ class Deployment:
         wait_for(lambda: http_status(url) == 200, url, [proc], 30)
         return proc, port
 
-    def baseline(self, kind: str, core: int | None) -> tuple[Proc, int, str]:
-        """A baseline server: (process, WebSocket port, publish URL)."""
+    def baseline(self, kind: str, core: int | None, uds: str | None = None) -> tuple[Proc, int, str]:
+        """A baseline server: (process, WebSocket port, publish URL); with ``uds``, its WebSocket
+        endpoint also listens on that Unix socket (for nginx)."""
         port = free_port()
         script = str(BASELINE_DIR / f"{kind}.py")
+        argv = [sys.executable, script, "--port", str(port)] + (["--uds", uds] if uds else [])
         if kind == "fastapi_manager":
-            proc = self.spawn(kind, [sys.executable, script, "--port", str(port)], env=clean_env(), core=core)
             http_port = port
         else:
             http_port = free_port()
-            argv = [sys.executable, script, "--port", str(port), "--http-port", str(http_port)]
-            proc = self.spawn(kind, argv, env=clean_env(), core=core)
+            argv += ["--http-port", str(http_port)]
+        proc = self.spawn(kind, argv, env=clean_env(), core=core)
         health = f"http://127.0.0.1:{http_port}/healthz"
         wait_for(lambda: http_status(health) == 200, health, [proc], 30)
         return proc, port, f"http://127.0.0.1:{http_port}/v1/notifications"
 
-    def nginx(self, upstream_ports: list[int], core: int | None) -> tuple[Proc, int]:
-        """nginx rendered from the repository's nginx.conf, in front of ``upstream_ports``."""
+    def nginx(self, upstreams: list[str]) -> tuple[Proc, int]:
+        """nginx rendered from the repository's nginx.conf, in front of ``upstreams`` (nginx
+        addresses: ``host:port`` or ``unix:path``), on no particular core (see start_cluster)."""
         port = free_port()
         prefix = self.logdir / f"nginx-{port}"
         prefix.mkdir()
@@ -165,14 +167,13 @@ class Deployment:
             path.chmod(0o755)
         values = {
             "NOTIFIER_LISTEN": f"127.0.0.1:{port}",
-            "NOTIFIER_UPSTREAMS": " ".join(f"server 127.0.0.1:{p};" for p in upstream_ports),
+            "NOTIFIER_UPSTREAMS": " ".join(f"server {u};" for u in upstreams),
         }
         conf = prefix / "nginx.conf"
         conf.write_text(PLACEHOLDER.sub(lambda m: values[m.group(2)], NGINX_TEMPLATE.read_text()))
         proc = self.spawn(
             "nginx",
             [binary("nginx"), "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
-            core=core,
         )
         # Up when nginx answers from the upstream (anything but a gateway error).
         url = f"http://127.0.0.1:{port}/healthz"
@@ -236,14 +237,25 @@ def start_single(
 
 
 def start_cluster(
-    dep: Deployment, kind: str, secret: str, instances: int, server_core: int | None, aux_core: int | None
+    dep: Deployment,
+    kind: str,
+    secret: str,
+    instances: int,
+    server_core: int | None,
+    aux_core: int | None,
+    upstream: str = "unix",
 ) -> Target:
     """The deployment of the ``cluster`` scenario: the instances on ``server_core`` (the one core a
-    single server has in ``steady``), nginx and redis-server on ``aux_core`` (as redis-server is
-    in ``steady``: infrastructure, not the server under test)."""
+    single server has in ``steady``), redis-server on ``aux_core`` (as in ``steady``), nginx on
+    neither: on a 2-core machine it must share a core with someone, and pinned to the load
+    generator's it delays the receiver (measured: p99 +6 ms), to the server's the server. Left to
+    the scheduler it takes what is idle on either, as it would take cores of its own in production.
+    nginx reaches the instances over Unix sockets (``upstream="unix"``, as ``deploy/local-cluster``
+    does by default) or TCP (``"tcp"``)."""
     if kind in BASELINES:
-        proc, port, publish_url = dep.baseline(kind, server_core)
-        nginx, nginx_port = dep.nginx([port], aux_core)
+        uds = str(dep.logdir / f"{kind}.sock") if upstream == "unix" else None
+        proc, port, publish_url = dep.baseline(kind, server_core, uds)
+        nginx, nginx_port = dep.nginx([f"unix:{uds}" if uds else f"127.0.0.1:{port}"])
         # fastapi_manager publishes through nginx like notifier; ws_broadcast's publish endpoint
         # is a second port nginx.conf does not route, so it is posted to directly. Latency is
         # measured from the acceptance time (ts), so the publish leg does not count either way.
@@ -254,41 +266,27 @@ def start_cluster(
             publish_url,
             None,
             {"server": [proc.pid], "nginx": nginx_pids(nginx.pid)},
-            {"broker": None, "instances": 1, "via": "nginx"},
+            {"broker": None, "instances": 1, "via": "nginx", "upstream": upstream},
         )
     if kind != "notifier":
         raise ValueError(f"the cluster scenario needs a broker shared by instances: not {kind}")
-    if LOCAL_CLUSTER.exists() and os.access(LOCAL_CLUSTER, os.X_OK):
-        return _local_cluster(dep, secret, instances, server_core, aux_core)
-    redis, url = dep.redis(aux_core)
-    ports, pids = [], []
-    for n in range(instances):
-        proc, port = dep.notifier(url, secret, server_core, name=f"notifier-{n + 1}")
-        ports.append(port)
-        pids.append(proc.pid)
-    nginx, nginx_port = dep.nginx(ports, aux_core)
-    return Target(
-        f"ws://127.0.0.1:{nginx_port}/v1/ws",
-        f"http://127.0.0.1:{nginx_port}/v1/notifications",
-        secret,
-        {"server": pids, "nginx": nginx_pids(nginx.pid), "redis": [redis.pid]},
-        {"broker": "redis", "instances": instances, "via": "nginx", "launcher": "benchmarks (own topology)"},
-    )
+    return _local_cluster(dep, secret, instances, server_core, aux_core, upstream)
 
 
 _CHILD_LINE = re.compile(r"^(instance|nginx|redis|prometheus): (\S+) \(pid (\d+)\)$")
 
 
 def _local_cluster(
-    dep: Deployment, secret: str, instances: int, core: int | None, aux_core: int | None
+    dep: Deployment, secret: str, instances: int, core: int | None, aux_core: int | None, upstream: str
 ) -> Target:
     """``deploy/local-cluster`` as a user runs it, pinned to ``core`` (its children inherit that);
-    nginx and redis-server are then moved to ``aux_core``."""
+    redis-server is then moved to ``aux_core`` and nginx let loose on every core."""
     port = free_port()
     env = clean_env(NOTIFIER_JWT_SECRET=secret, **NOTIFIER_ENV)
     proc = dep.spawn(
         "local-cluster",
-        [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(port)],
+        [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(port),
+         "--upstream", upstream],
         env=env,
         core=core,
     )
@@ -314,10 +312,12 @@ def _local_cluster(
             pids["nginx"] = nginx_pids(pid)
         elif label == "redis":
             pids["redis"].append(pid)
-    if aux_core is not None:
-        for pid in pids["nginx"] + pids["redis"]:
+    if core is not None:
+        every_core = set(range(os.cpu_count() or 1))
+        moves = [(pid, {aux_core}) for pid in pids["redis"]] + [(pid, every_core) for pid in pids["nginx"]]
+        for pid, cores in moves:
             try:
-                os.sched_setaffinity(pid, {aux_core})
+                os.sched_setaffinity(pid, cores)
             except OSError:
                 pass
     if len(pids["server"]) != instances:
@@ -330,5 +330,5 @@ def _local_cluster(
         url + "/v1/notifications",
         secret,
         pids,
-        {"broker": "redis", "instances": instances, "via": "nginx", "launcher": "deploy/local-cluster"},
+        {"broker": "redis", "instances": instances, "via": "nginx", "upstream": upstream},
     )

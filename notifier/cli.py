@@ -94,9 +94,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from notifier.app import create_app
-    from notifier.server import DrainingServer, WebSocketProtocol
+    from notifier.server import DrainingServer, WebSocketProtocol, bind_unix_socket
 
     settings = load_settings(host=args.host, port=args.port)
+    unix_socket = None
+    if settings.uds:
+        try:
+            unix_socket = bind_unix_socket(settings.uds)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"NOTIFIER_UDS: cannot listen on {settings.uds}: {reason}") from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if settings.jwt_secret is None:
         settings = _dev_secret(settings)
@@ -112,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
         log_level="info",
     )
-    server = DrainingServer(config, app.state.services.node, settings.shutdown_timeout)
+    server = DrainingServer(config, app.state.services.node, settings.shutdown_timeout, unix_socket)
     server.run()
     return 0 if server.started else 1
 

@@ -15,9 +15,13 @@ drain here, in named steps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import re
 import socket
+import stat
 import time
 from types import FrameType
 from typing import Any
@@ -170,20 +174,82 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             extensions[SINK_EXTENSION] = {"sink": DirectSink(self)}
 
 
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening-ready Unix socket at ``path``, readable and writable by every local user (a
+    proxy's workers often run as another user). A socket file left by a process that died is
+    replaced; one that still answers is not. ``OSError`` says why it cannot be had."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "it exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)
+            else:
+                raise OSError(errno.EADDRINUSE, "a running server listens there")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def remove_unix_socket(path: str, sock: socket.socket) -> None:
+    """Close ``sock`` and remove its file ``path``, if that is still a socket."""
+    sock.close()
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+
+
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM / SIGINT drains the node; a second one hurries it."""
 
-    def __init__(self, config: uvicorn.Config, node: Node, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        node: Node,
+        shutdown_timeout: float,
+        unix_socket: socket.socket | None = None,
+    ) -> None:
         super().__init__(config)
         self.node = node
         self.shutdown_timeout = shutdown_timeout
+        self.unix_socket = unix_socket
+        self.unix_path: str = unix_socket.getsockname() if unix_socket is not None else ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         install_log_filters()
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            if self.unix_socket is not None:
+                remove_unix_socket(self.unix_path, self.unix_socket)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.unix_socket is None or self.should_exit:
+            return
+        # The TCP listener is up; the Unix one serves the same app with the same protocols, and
+        # uvicorn closes it with the others (self.servers) at shutdown.
+        config, loop = self.config, asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        server = await loop.create_server(protocol, sock=self.unix_socket, backlog=config.backlog)
+        self.servers.append(server)
+        log.info("also listening on unix:%s", self.unix_path)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: never record the signal (uvicorn would re-raise it after

@@ -66,6 +66,8 @@ def test_every_scenario_prints_a_json_line_and_loses_nothing(tmp_path: Path) -> 
         assert line["errors"] == [], line
         if line["server"] == "notifier":
             assert set(line["ratios"]) == {"fastapi_manager", "ws_broadcast"}, line
+    # Through nginx every server is reached the way deploy/local-cluster reaches notifier.
+    assert {line["upstream"] for line in lines if line["scenario"] == "cluster"} == {"unix"}, lines
     idle = [line for line in lines if line["scenario"] == "idle_memory"]
     assert all(line["rss_before_kib"] and line["rss_kib"] for line in idle), idle
 

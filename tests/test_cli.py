@@ -11,6 +11,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ import jwt
 import pytest
 from conftest import SECRET, mint_token
 from support import Instance, free_port, wait_until
-from websockets.sync.client import connect
+from websockets.sync.client import connect, unix_connect
 
 pytestmark = pytest.mark.slow
 
@@ -234,6 +236,59 @@ def test_serve_exits_with_status_0_on_sigterm(tmp_path: Path) -> None:
         status = serve.signal(signal.SIGTERM, 2 + 5)  # within NOTIFIER_SHUTDOWN_TIMEOUT + 5 s
         assert time.monotonic() - started < 7
         assert status == 0, f"exit status {status}; stderr: {serve.stderr.rest()}"
+
+
+def test_serve_with_notifier_uds_serves_the_unix_socket_too_and_removes_it_on_exit(tmp_path: Path) -> None:
+    port, path = free_port(), tmp_path / "instance.sock"
+    env = clean_env(NOTIFIER_JWT_SECRET=SECRET, NOTIFIER_SHUTDOWN_TIMEOUT="2", NOTIFIER_UDS=str(path))
+    with process(["serve", "--port", str(port)], tmp_path, env) as serve:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        # A proxy's workers often run as another user: everyone may connect.
+        assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o666
+        token = mint_token("alice", ("subscribe",))
+        with unix_connect(str(path), f"ws://localhost/v1/ws?token={token}&topics=news", open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "hello"
+            response = httpx.post(
+                url + "/v1/notifications",
+                json={"topic": "news", "data": 1},
+                headers={"authorization": f"Bearer {mint_token('backend', ('publish',))}"},
+                timeout=10,
+            )
+            assert response.status_code == 202, response.text
+            frame = json.loads(ws.recv(timeout=DEADLINE))
+            assert (frame["type"], frame["id"], frame["data"]) == ("notification", response.json()["id"], 1)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as over_unix:
+            assert over_unix.get("http://localhost/readyz", timeout=5).status_code == 200
+        assert serve.signal(signal.SIGTERM, 2 + 5) == 0, serve.stderr.rest()
+    assert not path.exists()
+
+
+def test_serve_replaces_a_stale_unix_socket_but_not_a_live_one_or_a_file(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening, closed: what a crash leaves
+        dead.bind(str(stale))
+    port = free_port()
+    env = clean_env(NOTIFIER_JWT_SECRET=SECRET, NOTIFIER_UDS=str(stale))
+    with process(["serve", "--port", str(port)], tmp_path, env):
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(stale))) as over_unix:
+            assert over_unix.get("http://localhost/healthz", timeout=5).status_code == 200
+
+        second = notifier("serve", "--port", str(free_port()), cwd=tmp_path, env=env)
+        line = assert_one_line_error(second)
+        assert "NOTIFIER_UDS" in line and str(stale) in line and "running server" in line, line
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(stale))) as over_unix:
+            assert over_unix.get("http://localhost/healthz", timeout=5).status_code == 200
+
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    result = notifier("serve", "--port", str(free_port()), cwd=tmp_path,
+                      env=clean_env(NOTIFIER_JWT_SECRET=SECRET, NOTIFIER_UDS=str(plain)))
+    line = assert_one_line_error(result)
+    assert "NOTIFIER_UDS" in line and "not a socket" in line, line
+    assert plain.read_text() == "keep me"
 
 
 # -- token --------------------------------------------------------------------------------------

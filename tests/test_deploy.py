@@ -117,12 +117,13 @@ class Cluster:
 
 
 def start_cluster(
-    tmp: Path, instances: int, env: dict[str, str] | None = None, ready: bool = True
+    tmp: Path, instances: int, env: dict[str, str] | None = None, ready: bool = True, *args: str
 ) -> Cluster:
-    """``deploy/local-cluster --instances N`` on a free port; by default, once it printed ``ready:``."""
+    """``deploy/local-cluster --instances N ARGS`` on a free port; by default, once it printed ``ready:``."""
     stderr = open(tmp / "local-cluster.err", "w")  # closed by stop_cluster
     proc = subprocess.Popen(
-        [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(free_port())],
+        [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(free_port()),
+         *args],
         cwd=ROOT,
         env={**os.environ, "NOTIFIER_JWT_SECRET": SECRET, "NOTIFIER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
              **(env or {})},
@@ -373,6 +374,37 @@ async def test_full_instance_refusal_goes_to_the_next_instance(idle: Cluster) ->
         log = idle.logs / "nginx.log"
         wait_until(lambda: "upstream_status=503, 101" in log.read_text(), 10,
                    "nginx's log to show a handshake retried after a 503")
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_nginx_reaches_the_instances_over_unix_sockets_unless_told_tcp(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    def upstreams(running: Cluster) -> set[str]:
+        """The upstream address of each request nginx logged, after a few requests through it."""
+        assert running.logs is not None
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            for _ in range(6):
+                assert client.get(running.url + "/readyz").status_code == 200
+        log = running.logs / "nginx.log"
+        wait_until(lambda: log.read_text().count("GET /readyz") >= 6, 10, "nginx to log the requests")
+        # $upstream_addr lists every instance tried: "a, b" after a retry.
+        fields = re.findall(r"upstream=(.*?) upstream_status=", log.read_text())
+        # "-": nginx answered itself (its 404 for /metrics).
+        return {address for field in fields for address in field.split(", ") if address != "-"}
+
+    with cluster.explained():
+        by_default = upstreams(cluster)
+        assert by_default, "nginx logged no upstream"
+        assert all(u.startswith("unix:") and u.endswith(".sock") for u in by_default), by_default
+    tcp = start_cluster(tmp_path, 2, None, True, "--upstream", "tcp")
+    try:
+        with tcp.explained():
+            over_tcp = upstreams(tcp)
+            assert over_tcp and over_tcp <= {url.removeprefix("http://") for url in tcp.instances}, over_tcp
+    finally:
+        assert stop_cluster(tcp) == 0, tcp.errors()
 
 
 # -- the local cluster: starting and stopping --------------------------------------------------

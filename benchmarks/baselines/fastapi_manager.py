@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import socket
 import time
 from typing import Any
 
@@ -80,8 +82,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--uds", help="also listen on this Unix socket (for nginx on the same host)")
     args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    sockets = [config.bind_socket()]
+    if args.uds:
+        # As uvicorn --uds binds it, beside the TCP port: uvicorn serves every socket it is given.
+        sockets.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        sockets[-1].bind(args.uds)
+        os.chmod(args.uds, 0o666)
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

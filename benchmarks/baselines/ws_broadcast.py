@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import signal
 import time
 
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve, unix_serve
 
 CLIENTS: set[ServerConnection] = set()
 ids = itertools.count(1)
@@ -84,12 +86,17 @@ async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def main(host: str, port: int, http_port: int) -> None:
+async def main(host: str, port: int, http_port: int, uds: str | None) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     http = await asyncio.start_server(http_handler, host, http_port)
-    async with serve(handler, host, port), http:
+    async with contextlib.AsyncExitStack() as servers:
+        await servers.enter_async_context(serve(handler, host, port))
+        await servers.enter_async_context(http)
+        if uds:
+            await servers.enter_async_context(unix_serve(handler, uds))
+            os.chmod(uds, 0o666)
         await stop.wait()
 
 
@@ -98,6 +105,7 @@ def run() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002, help="WebSocket port")
     parser.add_argument("--http-port", type=int, default=8003, help="HTTP publish port")
+    parser.add_argument("--uds", help="also serve WebSockets on this Unix socket (for nginx)")
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     args = parser.parse_args()
     if not args.no_uvloop:
@@ -106,9 +114,9 @@ def run() -> None:
         except ImportError:
             pass
         else:
-            uvloop.run(main(args.host, args.port, args.http_port))
+            uvloop.run(main(args.host, args.port, args.http_port, args.uds))
             return
-    asyncio.run(main(args.host, args.port, args.http_port))
+    asyncio.run(main(args.host, args.port, args.http_port, args.uds))
 
 
 if __name__ == "__main__":
