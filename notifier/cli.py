@@ -118,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         proxy_headers=True,
         log_level="info",
+        access_log=settings.access_log,
     )
     server = DrainingServer(config, app.state.services.node, settings.shutdown_timeout, unix_socket)
     server.run()

@@ -291,6 +291,28 @@ def test_serve_replaces_a_stale_unix_socket_but_not_a_live_one_or_a_file(tmp_pat
     assert plain.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("access_log", [None, "true"], ids=["default", "NOTIFIER_ACCESS_LOG=true"])
+def test_serve_logs_handshakes_without_their_token_and_requests_only_when_asked(
+    tmp_path: Path, access_log: str | None
+) -> None:
+    port = free_port()
+    env = clean_env(NOTIFIER_JWT_SECRET=SECRET, **({"NOTIFIER_ACCESS_LOG": access_log} if access_log else {}))
+    token = mint_token("alice", ("subscribe", "publish"))
+    with process(["serve", "--port", str(port)], tmp_path, env) as serve:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        with connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}&topics=news", open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "hello"
+        serve.stderr.until(r'"WebSocket /v1/ws\?token=\[redacted\]&topics=news" \[accepted\]')
+        response = httpx.post(url + "/v1/notifications", json={"topic": "news", "data": 1},
+                              headers={"authorization": f"Bearer {token}"}, timeout=10)
+        assert response.status_code == 202, response.text
+        assert serve.signal(signal.SIGTERM) == 0
+    logged = serve.stderr.rest() + serve.stdout.rest()
+    assert token not in logged
+    assert ('"POST /v1/notifications HTTP/1.1" 202' in logged) == (access_log == "true"), logged
+
+
 # -- token --------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ def test_no_secret_configured_is_reported_as_the_missing_variable() -> None:
         ("NOTIFIER_HISTORY_SIZE", "0", "history_size", 0),
         ("NOTIFIER_SEND_QUEUE_BYTES", "2048", "send_queue_bytes", 2048),
         ("NOTIFIER_SHUTDOWN_TIMEOUT", "2.5", "shutdown_timeout", 2.5),
+        ("NOTIFIER_WS_COMPRESSION", "true", "ws_compression", True),
+        ("NOTIFIER_ACCESS_LOG", "true", "access_log", True),
+        ("NOTIFIER_UDS", "/run/notifier/1.sock", "uds", "/run/notifier/1.sock"),
     ],
 )
 def test_each_setting_is_read_from_its_notifier_variable(
