@@ -8,13 +8,18 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from notifier.auth import Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, Forbidden
-from notifier.protocol import parse_since, positive_int, valid_topic
+from notifier.protocol import Accepted, parse_since, positive_int, valid_topic
 from notifier.services import Services
 
 router = APIRouter()
+
+PUBLISH_PATH = "/v1/notifications"
+RawHeader = tuple[bytes, bytes]
 
 MAX_IDEMPOTENCY_KEY = 256
 MAX_HISTORY_LIMIT = 1000
@@ -42,25 +47,28 @@ def _services(request: Request) -> Services:
     return services
 
 
-def authenticate(request: Request) -> Principal:
-    """The principal of the request's bearer token; 401 with ``WWW-Authenticate`` otherwise."""
-    token = bearer(request.headers.get("authorization"))
+def authenticate(services: Services, authorization: str | None) -> Principal:
+    """The principal of a bearer token header; 401 with ``WWW-Authenticate`` otherwise."""
     try:
-        return _services(request).authority.verify(token)
+        return services.authority.verify(bearer(authorization))
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def _receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body from the ASGI channel; 413 as soon as it is known to exceed ``limit``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body over {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > limit:
             raise HTTPException(413, f"body over {limit} bytes")
-    return bytes(body)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _parse_notification(body: bytes) -> tuple[str, bytes]:
@@ -79,8 +87,60 @@ def _parse_notification(body: bytes) -> tuple[str, bytes]:
     return topic, orjson.dumps(obj["data"])
 
 
+async def _publish(services: Services, scope: Scope, receive: Receive) -> Accepted:
+    authorization = key = length = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"idempotency-key":
+            key = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value.decode("latin-1")
+    principal = authenticate(services, authorization)
+    if "publish" not in principal.scopes:
+        raise HTTPException(403, "token lacks the 'publish' scope")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY):
+        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    topic, data_json = _parse_notification(
+        await _receive_body(receive, length, services.settings.max_message_bytes)
+    )
+    try:
+        principal.check_publish(topic)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    try:
+        return await services.node.publish(principal, topic, data_json, key)
+    except BrokerUnavailable as exc:
+        raise HTTPException(503, f"broker unavailable, nothing accepted: {exc}") from None
+
+
+async def publish_answer(
+    services: Services, scope: Scope, receive: Receive
+) -> tuple[int, bytes, list[RawHeader]]:
+    """``POST /v1/notifications`` as (status, JSON body, extra headers): 202 and the accepted
+    notification, or the error and ``{"detail": ...}`` as FastAPI would answer it."""
+    try:
+        accepted = await _publish(services, scope, receive)
+    except HTTPException as exc:
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+        return exc.status_code, orjson.dumps({"detail": exc.detail}), headers
+    return 202, orjson.dumps(accepted.as_json()), []
+
+
+async def publish_endpoint(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+    """The publish route as a bare ASGI endpoint: the hot path of every notification skips
+    FastAPI's middleware, routing and dependency machinery (see ``NotifierApp``)."""
+    try:
+        status, body, headers = await publish_answer(services, scope, receive)
+    except ClientDisconnect:
+        return
+    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 @router.post(
-    "/v1/notifications",
+    PUBLISH_PATH,
     status_code=202,
     openapi_extra={"requestBody": _PUBLISH_BODY},
     responses={
@@ -92,24 +152,12 @@ def _parse_notification(body: bytes) -> tuple[str, bytes]:
     },
     summary="Publish a notification to every subscriber of a topic, on every instance",
 )
-async def publish(request: Request) -> JSONResponse:
-    services = _services(request)
-    principal = authenticate(request)
-    if "publish" not in principal.scopes:
-        raise HTTPException(403, "token lacks the 'publish' scope")
-    key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY):
-        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    topic, data_json = _parse_notification(await _read_body(request, services.settings.max_message_bytes))
-    try:
-        principal.check_publish(topic)
-    except Forbidden as exc:
-        raise HTTPException(403, str(exc)) from None
-    try:
-        accepted = await services.node.publish(principal, topic, data_json, key)
-    except BrokerUnavailable as exc:
-        raise HTTPException(503, f"broker unavailable, nothing accepted: {exc}") from None
-    return JSONResponse(accepted.as_json(), status_code=202)
+async def publish(request: Request) -> Response:
+    """Declares the route for the OpenAPI schema; ``NotifierApp`` serves it by ``publish_endpoint``."""
+    status, body, headers = await publish_answer(_services(request), request.scope, request.receive)
+    answer = Response(body, status, media_type="application/json")
+    answer.raw_headers.extend(headers)
+    return answer
 
 
 @router.get(
@@ -127,7 +175,7 @@ async def topic_history(
 ) -> Response:
     """The first ``limit`` retained with id > ``since``; without ``since``, the last ``limit`` retained."""
     services = _services(request)
-    principal = authenticate(request)
+    principal = authenticate(services, request.headers.get("authorization"))
     if not valid_topic(topic):
         raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
     try:

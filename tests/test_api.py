@@ -371,3 +371,46 @@ def test_docs_serve_the_openapi_ui_describing_publish(client: TestClient) -> Non
     assert "swagger" in docs.text.lower()
     schema = client.get("/openapi.json").json()
     assert "post" in schema["paths"]["/v1/notifications"]
+
+
+class ThroughFastAPI:
+    """The app with every request taken through FastAPI's own middleware and declared routes,
+    not ``NotifierApp``'s direct ones."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(self.app, scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "headers"),
+    [
+        ("accepted", {"topic": "news", "data": [1]}, {}),
+        ("no token", {"topic": "news", "data": 1}, {"Authorization": ""}),
+        ("no publish scope", {"topic": "news", "data": 1}, {"scopes": "subscribe"}),
+        ("bad topic", {"topic": "no spaces", "data": 1}, {}),
+        ("missing data", {"topic": "news"}, {}),
+        ("too large", {"topic": "news", "data": "x" * 70000}, {}),
+        ("bad idempotency key", {"topic": "news", "data": 1}, {"Idempotency-Key": "k" * 300}),
+    ],
+)
+def test_the_direct_publish_route_answers_as_the_declared_fastapi_route(
+    mint: Mint, case: str, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    scopes = tuple(headers.pop("scopes", "publish subscribe").split())
+    token = mint(scopes=scopes)
+    sent = {"Authorization": f"Bearer {token}", **headers}
+    answers = []
+    for app in (create_app(make_settings()), ThroughFastAPI(create_app(make_settings()))):
+        with TestClient(app) as client:  # type: ignore[arg-type]
+            answers.append(client.post(URL, json=body, headers=sent))
+    direct, declared = answers
+    assert direct.status_code == declared.status_code, case
+    assert direct.headers.get("www-authenticate") == declared.headers.get("www-authenticate")
+    assert direct.headers["content-type"] == declared.headers["content-type"] == "application/json"
+    if direct.status_code == 202:
+        assert direct.json().keys() == declared.json().keys() == {"id", "topic", "ts"}
+    else:
+        assert direct.json() == declared.json() and set(direct.json()) == {"detail"}, case
