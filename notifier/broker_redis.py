@@ -233,9 +233,14 @@ class RedisBroker:
                 self._topics.discard(topic)
             raise BrokerUnavailable(f"redis: {kind} failed: {exc or type(exc).__name__}") from None
         finally:
+            # No empty deque left behind: one per topic ever subscribed was 0.8 KiB per
+            # connection on a user's own topic.
             waiters = self._waiters.get((kind, channel))
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
+            if waiters is not None:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[(kind, channel)]
 
     # -- the listener -------------------------------------------------------------------------
 

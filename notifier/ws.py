@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
+from starlette.datastructures import QueryParams
 
 from notifier.auth import SUBSCRIBE, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden
@@ -85,7 +86,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
-    params = websocket.query_params
+    # Not websocket.query_params: Starlette would keep that parsed copy for the socket's life.
+    params = QueryParams(websocket.scope["query_string"])
     token = params.get("token") or bearer(_header(websocket, b"authorization"))
     try:
         principal = services.authority.verify(token)
@@ -176,6 +178,12 @@ class Session:
         started on demand and end when the queue is empty: most deliveries need none."""
         if self.writer is None or self.writer.done():
             self.writer = asyncio.get_running_loop().create_task(self._write())
+            self.writer.add_done_callback(self._writer_done)
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        # A finished writer is not kept: an idle socket holds no task but its reader's.
+        if self.writer is writer:
+            self.writer = None
 
     def _closing(self) -> None:
         """A close was asked for: if the writer cannot get it out in time, drop the connection."""

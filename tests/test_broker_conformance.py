@@ -411,6 +411,20 @@ async def test_node_last_unsubscribe_racing_a_new_first_subscriber_keeps_the_top
 
 
 @pytest.mark.redis
+async def test_redis_broker_keeps_no_state_per_confirmed_subscription(redis_server: RedisServer) -> None:
+    # Every socket subscribes its user's own topic: anything kept per (un)subscribe once it is
+    # confirmed grows with the users ever connected (it was 0.8 KiB per connection).
+    broker = RedisBroker(redis_server.url)
+    async with running(broker):
+        topics = [fresh("user") for _ in range(50)]
+        await asyncio.gather(*(broker.subscribe(t) for t in topics))
+        assert broker._waiters == {}  # noqa: SLF001 - the confirmation waiters are the state
+        await asyncio.gather(*(broker.unsubscribe(t) for t in topics))
+        assert broker._waiters == {}  # noqa: SLF001
+        assert [await numsub(redis_server.url, t) for t in topics[:3]] == [0, 0, 0]
+
+
+@pytest.mark.redis
 async def test_two_redis_brokers_share_one_strictly_increasing_id_sequence(redis_server: RedisServer) -> None:
     a, b = RedisBroker(redis_server.url), RedisBroker(redis_server.url)
     async with running(a), running(b):
