@@ -100,7 +100,7 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             continue
         rows = [
             [
-                x["server"] + (f" ×{x['instances']}" if (x["instances"] or 1) > 1 else ""),
+                x["server"] + (f" ×{int(x['instances'])}" if (x["instances"] or 1) > 1 else ""),
                 _num(x["subscribers"]),
                 _num(x["deliveries_per_s"]),
                 _num(x["p50_ms"], 1),
@@ -250,6 +250,9 @@ def _meta(meta: dict[str, Any]) -> str:
 # -- plots ---------------------------------------------------------------------------------
 
 
+SOAK_S = 60  # a steady run measured this long or longer gets the RSS-over-time plot
+
+
 def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -331,6 +334,29 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title("RSS against connections")
         fig.tight_layout()
         made.append(_save(fig, out / "rss.png"))
+        plt.close(fig)
+
+    # A soak: a steady run long enough for a leak to show.
+    soaks = [
+        r
+        for r in runs
+        if r["line"]["scenario"] == "steady"
+        and (r["line"]["measure_s"] or 0) >= SOAK_S
+        and r.get("rss_series")
+    ]
+    if soaks:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in soaks:
+            series = r["rss_series"]
+            ax.plot([t for t, _ in series], [kib / 1024 for _, kib in series], label=r["line"]["server"])
+        ax.set_xlabel("seconds since the server started (connecting, warm-up, then the measured load)")
+        ax.set_ylabel("server RSS, MiB")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.set_title("RSS during a soak at steady load (1,000 subscribers x 20 notifications/s)")
+        fig.tight_layout()
+        made.append(_save(fig, out / "soak_rss.png"))
         plt.close(fig)
     return made
 

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from types import FrameType
 from typing import Any
 
 from benchmarks import report
-from benchmarks.procs import CLK_TCK, ROOT, cores, loadavg, stop_all
+from benchmarks.procs import CLK_TCK, ROOT, cores, loadavg, rss_kib, stop_all
 from benchmarks.servers import BASELINES, SERVERS, Deployment, Target, start_cluster, start_single
 
 HERE = ROOT / "benchmarks"
@@ -342,6 +343,36 @@ def run_loadgen(plan: Plan, cfg: dict[str, Any], core: int | None, logdir: Path)
     return result
 
 
+class RssSampler:
+    """The servers' summed RSS every ``interval`` seconds, in a thread, while a run goes on:
+    ``series`` is ``[[seconds since start, KiB], ...]`` (the soak's flat-or-not evidence)."""
+
+    def __init__(self, pids: list[int], interval: float) -> None:
+        self.pids, self.interval = pids, interval
+        self.series: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                kib = sum(rss_kib(pid) for pid in self.pids)
+            except (OSError, ValueError):
+                return  # a server is gone: the run is ending
+            self.series.append([round(time.monotonic() - started, 1), kib])
+            if self._stop.wait(self.interval):
+                return
+
+
 def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict[str, Any]:
     # Notifications in flight: enough that both sides batch (several frames per socket read and
     # write), bounded so a subscriber never has more than 64 frames (16 KiB) pending.
@@ -457,7 +488,9 @@ def run_one(
         else:
             target = start_single(dep, server, secret, server_core, load_core)
         mode = {"fanout": "fanout", "steady": "steady", "cluster": "steady", "idle_memory": "idle"}[scenario]
-        lg = run_loadgen(plan, loadgen_cfg(plan, target, mode, subscribers), load_core, logdir)
+        # One RSS reading per second in short runs, about 100 per run in long ones (a soak).
+        with RssSampler(target.pids["server"], max(1.0, plan.duration / 100)) as rss:
+            lg = run_loadgen(plan, loadgen_cfg(plan, target, mode, subscribers), load_core, logdir)
     except BaseException:
         print(f"benchmarks: {scenario}/{server} failed; logs kept in {logdir}", file=sys.stderr)
         dep.stop()
@@ -475,6 +508,7 @@ def run_one(
         "line": line,
         "cdf": lg.get("cdf"),
         "rss_steps": lg.get("rss_steps"),
+        "rss_series": rss.series,
         "info": target.info,
         "cpu_s": lg.get("cpu_s"),
         "connect_s": lg.get("connect_s"),
