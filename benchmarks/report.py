@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -271,15 +272,22 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     if fan:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for server in SERVERS:
-            pts = sorted(
-                (x["subscribers"], x["deliveries_per_s"], x["deliveries_per_cpu_s"])
-                for x in fan
-                if x["server"] == server
-            )
-            if not pts:
+            # With --repeat, one point per N: the median, and a bar from the lowest to the highest.
+            by_n: dict[int, list[dict[str, Any]]] = {}
+            for x in fan:
+                if x["server"] == server:
+                    by_n.setdefault(x["subscribers"], []).append(x)
+            if not by_n:
                 continue
-            left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
-            right.plot([p[0] for p in pts], [p[2] or 0 for p in pts], marker="o", label=server)
+            ns = sorted(by_n)
+            for ax, key in ((left, "deliveries_per_s"), (right, "deliveries_per_cpu_s")):
+                values = [[x[key] or 0 for x in by_n[n]] for n in ns]
+                mid = [statistics.median(v) for v in values]
+                low = [m - min(v) for m, v in zip(mid, values, strict=True)]
+                high = [max(v) - m for m, v in zip(mid, values, strict=True)]
+                bars = [low, high]
+                colour = f"C{SERVERS.index(server)}"
+                ax.errorbar(ns, mid, yerr=bars, marker="o", capsize=3, label=server, color=colour)
         for ax, title in ((left, "deliveries/s"), (right, "deliveries per server CPU-second")):
             ax.set_xscale("log")
             ax.set_xlabel("subscribers on one topic")
@@ -295,16 +303,21 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     cdfs = [r for r in runs if r["line"]["scenario"] in ("steady", "cluster") and r.get("cdf")]
     if cdfs:
         fig, ax = plt.subplots(figsize=(8, 4.5))
+        labelled: set[str] = set()
         for r in cdfs:
             cdf = [(ms, pct) for pct, ms in r["cdf"] if ms is not None]
             line = r["line"]
+            # One colour per server, solid direct and dashed through nginx; with --repeat, one
+            # curve per run and one legend entry.
             label = f"{line['server']} ({line['scenario']})"
             ax.plot(
                 [max(p[0], 0.05) for p in cdf],
                 [p[1] for p in cdf],
+                color=f"C{SERVERS.index(line['server'])}",
                 linestyle="--" if line["scenario"] == "cluster" else "-",
-                label=label,
+                label=None if label in labelled else label,
             )
+            labelled.add(label)
         ax.set_xscale("log")
         ax.set_xlabel("latency, ms (ts in the frame to receipt)")
         ax.set_ylabel("percentile")
@@ -349,7 +362,7 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         for r in soaks:
             series = r["rss_series"]
             ax.plot([t for t, _ in series], [kib / 1024 for _, kib in series], label=r["line"]["server"])
-        ax.set_xlabel("seconds since the server started (connecting, warm-up, then the measured load)")
+        ax.set_xlabel("seconds since the load generator started (connecting, warm-up, then measured load)")
         ax.set_ylabel("server RSS, MiB")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
