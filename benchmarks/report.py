@@ -340,14 +340,8 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
                 marker="o",
                 label=f"{r['line']['server']} ({_num(r['line']['kib_per_connection'], 1)} KiB/conn)",
             )
-        ax.set_xlabel("idle authenticated connections")
-        ax.set_ylabel("server RSS, MiB")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title("RSS against connections")
-        fig.tight_layout()
-        made.append(_save(fig, out / "rss.png"))
-        plt.close(fig)
+        rss_png = out / "rss.png"
+        made.append(_finish(fig, ax, "idle authenticated connections", "RSS against connections", rss_png))
 
     # A soak: a steady run long enough for a leak to show.
     soaks = [
@@ -362,16 +356,32 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         for r in soaks:
             series = r["rss_series"]
             ax.plot([t for t, _ in series], [kib / 1024 for _, kib in series], label=r["line"]["server"])
-        ax.set_xlabel("seconds since the load generator started (connecting, warm-up, then measured load)")
-        ax.set_ylabel("server RSS, MiB")
         ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title("RSS during a soak at steady load (1,000 subscribers x 20 notifications/s)")
-        fig.tight_layout()
-        made.append(_save(fig, out / "soak_rss.png"))
-        plt.close(fig)
+        made.append(
+            _finish(
+                fig,
+                ax,
+                "seconds since the load generator started (connecting, warm-up, then measured load)",
+                "RSS during a soak at steady load (1,000 subscribers x 20 notifications/s)",
+                out / "soak_rss.png",
+            )
+        )
     return made
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    """An RSS plot's labels, grid and legend; saved to ``path`` and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("server RSS, MiB")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def _save(fig: Any, path: Path) -> Path:
