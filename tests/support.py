@@ -158,7 +158,10 @@ class Instance:
         self.port = port or free_port()
         self.env = {**os.environ, **env, "NOTIFIER_PORT": str(self.port), "NOTIFIER_HOST": "127.0.0.1"}
         self.proc: subprocess.Popen[bytes] | None = None
+        # Only the file's name is kept: each start opens it for the child, and no handle of ours
+        # outlives the call (one left to the garbage collector is an unraisable ResourceWarning).
         self.log = tempfile.NamedTemporaryFile(prefix="notifier-instance-", suffix=".log", delete=False)
+        self.log.close()
 
     @property
     def url(self) -> str:
@@ -169,14 +172,15 @@ class Instance:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self, ready: bool = True) -> Instance:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "notifier", "serve"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.log.name, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "notifier", "serve"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         path = "/readyz" if ready else "/healthz"
         wait_until(lambda: httpx.get(self.url + path, timeout=1).status_code == 200, 20, f"{self.url}{path}")
         return self
