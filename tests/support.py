@@ -285,3 +285,37 @@ class SlowLink:
 
 
 # -- fixtures ---------------------------------------------------------------------------------
+
+
+# -- WebSocket frames ---------------------------------------------------------------------------
+
+Frame = dict[str, Any]
+
+
+def notification(answer: Frame, data: Any) -> Frame:
+    """The frame a subscriber gets for the POST that was answered with ``answer``."""
+    return {
+        "type": "notification",
+        "id": answer["id"],
+        "topic": answer["topic"],
+        "data": data,
+        "ts": answer["ts"],
+    }
+
+
+async def next_frame(ws: Any, timeout: float) -> Frame:
+    """The next frame of a ``websockets`` client connection, decoded; fail after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await ws.recv()
+    except TimeoutError:
+        raise AssertionError(f"no frame within {timeout}s") from None
+    assert isinstance(raw, str), "every server frame is JSON text"
+    frame: Frame = orjson.loads(raw)
+    return frame
+
+
+async def hello(ws: Any, timeout: float) -> Frame:
+    frame = await next_frame(ws, timeout)
+    assert frame["type"] == "hello", frame
+    return frame

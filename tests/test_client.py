@@ -24,7 +24,7 @@ from typing import IO, Any
 import httpx
 import pytest
 from conftest import SECRET, mint_token
-from support import ROOT, Instance, RedisServer, free_port, wait_until
+from support import ROOT, Instance, RedisServer, free_port, notification, wait_until
 
 from notifier.client import Client, ClientError, Subscription, publish, subscribe
 
@@ -92,16 +92,6 @@ async def reading(subscription: Subscription) -> AsyncIterator[Reader]:
         reader.task.cancel()
         await asyncio.gather(reader.task, return_exceptions=True)
         await subscription.aclose()
-
-
-def notification(answer: Frame, data: Any) -> Frame:
-    return {
-        "type": "notification",
-        "id": answer["id"],
-        "topic": answer["topic"],
-        "data": data,
-        "ts": answer["ts"],
-    }
 
 
 @pytest.fixture(scope="module")

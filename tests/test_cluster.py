@@ -21,8 +21,9 @@ from urllib.parse import urlencode
 import anyio
 import httpx
 import pytest
+import support
 from conftest import SECRET, mint_token
-from support import Instance, RedisServer, SlowLink, start_all, stop_all
+from support import Instance, RedisServer, SlowLink, next_frame, notification, start_all, stop_all
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -59,20 +60,11 @@ async def ws_connect(
 
 async def recv(ws: ClientConnection, timeout: float = DEADLINE) -> Json:
     """The next frame, decoded; fail after ``timeout`` seconds."""
-    try:
-        with anyio.fail_after(timeout):
-            raw = await ws.recv()
-    except TimeoutError:
-        pytest.fail(f"no frame within {timeout}s")
-    assert isinstance(raw, str), "every server frame is JSON text"
-    frame: Json = json.loads(raw)
-    return frame
+    return await next_frame(ws, timeout)
 
 
 async def hello(ws: ClientConnection) -> Json:
-    frame = await recv(ws)
-    assert frame["type"] == "hello", frame
-    return frame
+    return await support.hello(ws, DEADLINE)
 
 
 async def refused_status(instance: Instance, token: str | None, topics: list[str] | None = None) -> int:
@@ -104,17 +96,6 @@ async def post(
     assert set(answer) == {"id", "topic", "ts"}
     assert answer["id"].isdigit() and answer["topic"] == topic and isinstance(answer["ts"], int)
     return answer
-
-
-def notification(answer: Json, data: Any) -> Json:
-    """The frame a subscriber gets for the POST that was answered with ``answer``."""
-    return {
-        "type": "notification",
-        "id": answer["id"],
-        "topic": answer["topic"],
-        "data": data,
-        "ts": answer["ts"],
-    }
 
 
 async def metric(instance: Instance, name: str) -> float:

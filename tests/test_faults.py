@@ -33,8 +33,9 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+import support
 from conftest import SECRET, mint_token
-from support import ROOT, Instance, RedisServer, free_port, start_all, stop_all, wait_until
+from support import ROOT, Instance, RedisServer, free_port, notification, start_all, stop_all, wait_until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
@@ -191,20 +192,11 @@ def ws_connect(url: str) -> connect:
 
 
 async def next_frame(ws: ClientConnection, timeout: float = FRAME_TIMEOUT) -> Json:
-    try:
-        async with asyncio.timeout(timeout):
-            raw = await ws.recv()
-    except TimeoutError:
-        pytest.fail(f"no frame within {timeout}s")
-    assert isinstance(raw, str), "every server frame is JSON text"
-    frame: Json = json.loads(raw)
-    return frame
+    return await support.next_frame(ws, timeout)
 
 
 async def hello(ws: ClientConnection) -> Json:
-    frame = await next_frame(ws)
-    assert frame["type"] == "hello", frame
-    return frame
+    return await support.hello(ws, FRAME_TIMEOUT)
 
 
 async def post(http: httpx.AsyncClient, url: str, token: str, topic: str, data: Any) -> Json:
@@ -217,17 +209,6 @@ async def post(http: httpx.AsyncClient, url: str, token: str, topic: str, data: 
     assert response.status_code == 202, response.text
     answer: Json = response.json()
     return answer
-
-
-def notification(answer: Json, data: Any) -> Json:
-    """The frame a subscriber gets for the POST answered with ``answer``."""
-    return {
-        "type": "notification",
-        "id": answer["id"],
-        "topic": answer["topic"],
-        "data": data,
-        "ts": answer["ts"],
-    }
 
 
 async def status_of(http: httpx.AsyncClient, url: str) -> int:
