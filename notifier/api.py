@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from notifier.auth import Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, Forbidden
-from notifier.protocol import Accepted, parse_since, positive_int, valid_topic
+from notifier.protocol import Accepted, BadFrame, encode_data, parse_since, positive_int, valid_topic
 from notifier.services import Services
 
 router = APIRouter()
@@ -23,6 +23,7 @@ RawHeader = tuple[bytes, bytes]
 
 MAX_IDEMPOTENCY_KEY = 256
 MAX_HISTORY_LIMIT = 1000
+MAX_HISTORY_BYTES = 4 << 20  # frames in one history answer; beyond, it is cut short with "more"
 
 _PUBLISH_BODY = {
     "required": True,
@@ -84,7 +85,10 @@ def _parse_notification(body: bytes) -> tuple[str, bytes]:
     topic = obj["topic"]
     if not valid_topic(topic):
         raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
-    return topic, orjson.dumps(obj["data"])
+    try:
+        return topic, encode_data(obj["data"])
+    except BadFrame as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 async def _publish(services: Services, scope: Scope, receive: Receive) -> Accepted:
@@ -182,17 +186,25 @@ async def topic_history(
         after = parse_since(since)
         count = min(positive_int(limit, "a positive integer"), MAX_HISTORY_LIMIT)
     except ValueError as exc:
-        raise HTTPException(422, f"since and limit must be positive integers: {exc}") from None
+        detail = f"since must be a non-negative integer, limit a positive one: {exc}"
+        raise HTTPException(422, detail) from None
     try:
         principal.check_subscribe([topic])
     except Forbidden as exc:
         raise HTTPException(403, str(exc)) from None
-    try:
-        history = await services.node.history(topic, after, count)
-    except BrokerUnavailable as exc:
-        raise HTTPException(503, f"broker unavailable: {exc}") from None
-    # The frames are final JSON already: join them rather than decode and encode again.
-    body = '{"notifications":[' + ",".join(n.frame for n in history.notifications) + "]}"
+    node = services.node
+    # A few answers are built at once (each at most MAX_HISTORY_BYTES of frames, read from the
+    # broker in chunks); the others wait their turn, so the instance holds a bounded amount.
+    async with node.history_gate:
+        try:
+            history = await node.history(topic, after, count, MAX_HISTORY_BYTES)
+        except BrokerUnavailable as exc:
+            raise HTTPException(503, f"broker unavailable: {exc}") from None
+        # The frames are final JSON already: join them rather than decode and encode again.
+        frames = ",".join(n.frame for n in history.notifications)
+        more = b"true" if history.more else b"false"
+        del history
+        body = b'{"notifications":[' + frames.encode() + b'],"more":' + more + b"}"
     return Response(body, media_type="application/json")
 
 

@@ -49,7 +49,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> NotifierApp:
     """An instance's ASGI app; ``broker`` overrides the one ``settings.broker_url`` names (tests)."""
     metrics = Metrics()
     if broker is None:
-        broker = create_broker(settings.broker_url, settings.history_size)
+        broker = create_broker(settings.broker_url, settings.history_size, settings.history_ttl)
     node = Node(broker, metrics, settings.history_size)
     services = Services(settings, TokenAuthority(settings.secret), node, metrics)
 

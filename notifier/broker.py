@@ -14,48 +14,107 @@ from notifier.protocol import Accepted, Notification
 
 OnNotification = Callable[[Notification], None]
 OnState = Callable[[bool], None]
+OnResync = Callable[[list[str]], None]
 
 IDEMPOTENCY_TTL = 300  # seconds a repeated Idempotency-Key gets the first answer again
+# Ids run ahead of the clock only when more than one notification a microsecond is published:
+# this much lead is tolerated before an expiry check could call a lost history complete.
+CLOCK_LEAD = 100_000  # microseconds
+UNBOUNDED = 1 << 62  # no byte bound on a history read
 
 
-def first_id(ts_ms: int) -> int:
-    """Where a fresh id counter starts: above any id a counter started earlier can have reached.
+def next_id(last: int, now_us: int) -> int:
+    """The id after ``last``: the clock in microseconds, or ``last + 1`` when that is not above it.
 
-    Ids stay increasing across a broker restart that lost the counter (a Redis without
-    persistence, a restarted memory broker) unless more than 1,000 notifications a millisecond
-    were published on average since the older counter started.
+    An id is thus about its publish time: ids keep increasing across a broker that lost its
+    counter (a Redis without persistence, a restarted memory broker) and across a topic's
+    expiry, and an id tells how long ago it was published (see :func:`complete`).
     """
-    return ts_ms * 1000
+    return max(last + 1, now_us)
 
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Retained notifications of one topic, oldest first; ``complete`` when none after ``since`` was lost."""
+    """Retained notifications of one topic, oldest first.
+
+    ``complete``: none with id after ``since`` was lost (trimmed, expired, or gone with the
+    broker's data). ``more``: the byte bound cut the answer short.
+    """
 
     notifications: list[Notification]
     complete: bool
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Bookkeeping:
+    """What a broker knows of a topic's retained history, to judge a recovery from ``since``.
+
+    ``epoch``: the id from which the broker's data is whole (None: lost, e.g. a wiped Redis);
+    ``origin``: the first id of the topic's current history (None: it has none); ``trimmed``:
+    the highest id trimmed away (None: none); ``now``: the broker's clock in microseconds;
+    ``ttl``: seconds a history lives after its last publish (0: forever); ``size``: entries kept.
+    """
+
+    epoch: int | None
+    origin: int | None
+    trimmed: int | None
+    now: int
+    ttl: int
+    size: int
+
+
+def complete(since: int, book: Bookkeeping) -> bool:
+    """Whether every notification of the topic with id after ``since`` is still retained.
+
+    ``since`` 0 means from the beginning of the broker's data. A history that expired leaves
+    no trace, so an expiry is inferred from the ids (which are publish times): with no history
+    now, anything published after ``since`` would still be here if ``since`` is younger than
+    the TTL; and a history that began after ``since`` cannot have had a predecessor expire in
+    between if it began within a TTL of ``since``. Unsure is never reported as complete.
+    """
+    if book.size <= 0 or book.epoch is None:
+        return False
+    since = since or book.epoch
+    if since < book.epoch or (book.trimmed is not None and book.trimmed > since):
+        return False
+    if book.ttl <= 0:
+        return True
+    window = book.ttl * 1_000_000 - CLOCK_LEAD
+    if book.origin is None:
+        return book.now - since < window
+    return book.origin <= since or book.origin - since < window
 
 
 class Broker(Protocol):
     """Moves notifications between the nodes sharing it.
 
     Contract:
-    - ``publish`` assigns the id (strictly increasing across every node sharing the broker)
+    - ``publish`` assigns the id (strictly increasing across every node sharing the broker, and
+      across a loss of the broker's data: see :func:`next_id`)
       and the frame in one atomic step and returns only once the notification is accepted;
       it raises ``BrokerUnavailable`` (nothing accepted) when it cannot.
     - Delivery is at most once per subscription, in id order per topic, through the
       ``on_notification`` callback given to ``start`` (called on the event loop, must not block).
     - ``subscribe`` returns once the topic's subscription is active everywhere: a notification
       published after it returns is delivered. It raises ``BrokerUnavailable`` on failure.
-    - After a lost link the broker reconnects by itself and resubscribes every topic it holds;
-      ``on_state`` reports each change of ``connected``.
+    - After a lost link the broker reconnects by itself, resubscribes every topic it holds and
+      delivers what was published meanwhile, in order, before anything newer; where it cannot,
+      it names the topics to ``on_resync``. ``on_state`` reports each change of ``connected``.
+    - History is kept per topic (the last N, for a TTL after the last publish) and never
+      reported complete when something after ``since`` may be gone.
     """
 
     connected: bool
     probe_lag: float | None  # seconds the last probe of the link took (None: none came back yet)
 
-    async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
-        """Connect (a broker that cannot connect yet keeps trying in the background)."""
+    async def start(self, on_notification: OnNotification, on_state: OnState, on_resync: OnResync) -> None:
+        """Connect (a broker that cannot connect yet keeps trying in the background).
+
+        ``on_resync(lost)`` is called each time the subscriptions were rebuilt after a lost
+        link, once what was published meanwhile has been delivered: ``lost`` names the topics
+        for which that could not be done (their subscribers must be told: 1012).
+        """
 
     async def close(self) -> None:
         """Release every connection and background task."""
@@ -65,10 +124,14 @@ class Broker(Protocol):
     ) -> Accepted:
         """Publish ``data_json`` (encoded JSON) to ``topic``; a repeated key returns the first answer."""
 
-    async def history(self, topic: str, since: int | None, limit: int) -> History:
+    async def history(
+        self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
+    ) -> History:
         """Retained notifications of ``topic``: the first ``limit`` with id > ``since``, or without
-        ``since`` the last ``limit``; oldest first. ``complete`` is False when a notification
-        with id > ``since`` was trimmed away (or history is disabled). BrokerUnavailable on failure.
+        ``since`` the last ``limit``; oldest first; at least one, and no more than fit in
+        ``max_bytes`` of frames (then ``more``), read in chunks so that little more is held.
+        ``complete`` as :func:`complete` says (False when history is disabled).
+        BrokerUnavailable on failure.
         """
 
     async def subscribe(self, topic: str) -> None:
@@ -78,14 +141,15 @@ class Broker(Protocol):
         """Stop receiving ``topic`` on this node."""
 
 
-def create_broker(url: str, history_size: int = 1000) -> Broker:
-    """The broker for ``url``'s scheme, keeping the last ``history_size`` notifications per topic."""
+def create_broker(url: str, history_size: int = 1000, history_ttl: int = 86400) -> Broker:
+    """The broker for ``url``'s scheme, keeping the last ``history_size`` notifications per topic
+    for ``history_ttl`` seconds after the topic's last publish (0: forever)."""
     if url.startswith("memory://"):
         from notifier.broker_memory import MemoryBroker
 
-        return MemoryBroker(history_size)
+        return MemoryBroker(history_size, history_ttl)
     if url.startswith(("redis://", "rediss://")):
         from notifier.broker_redis import RedisBroker
 
-        return RedisBroker(url, history_size)
+        return RedisBroker(url, history_size, history_ttl)
     raise ValueError(f"unsupported broker URL: {url!r}")

@@ -3,29 +3,59 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import replace
 from itertools import islice
 
-from notifier.broker import IDEMPOTENCY_TTL, History, OnNotification, OnState, first_id
+from notifier.broker import (
+    IDEMPOTENCY_TTL,
+    UNBOUNDED,
+    Bookkeeping,
+    History,
+    OnNotification,
+    OnResync,
+    OnState,
+    complete,
+    next_id,
+)
 from notifier.protocol import Accepted, Notification
 
 
-class MemoryBroker:
-    """Delivers synchronously to this process's node; ids from a counter, history in a ring per topic."""
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
-    def __init__(self, history_size: int = 1000) -> None:
+
+class _Topic:
+    """One topic's retained history: a ring of the last N, its first id, the highest trimmed."""
+
+    __slots__ = ("ring", "origin", "trimmed", "expires")
+
+    def __init__(self, size: int, origin: int) -> None:
+        self.ring: deque[Notification] = deque(maxlen=size)
+        self.origin = origin
+        self.trimmed: int | None = None
+        self.expires = 0.0
+
+
+class MemoryBroker:
+    """Delivers synchronously to this process's node; ids from the clock, history in a ring per topic.
+
+    Histories expire ``history_ttl`` seconds after their topic's last publish: they are kept in
+    order of last publish and the expired ones are dropped from the front as publishing goes on.
+    """
+
+    def __init__(self, history_size: int = 1000, history_ttl: int = 86400) -> None:
         self.connected = False
         self.probe_lag: float | None = 0.0  # nothing between publisher and subscriber
-        self._seq = self._epoch = first_id(int(time.time() * 1000))
+        self._seq = self._epoch = next_id(0, _now_us())
         self._history_size = history_size
-        self._history: dict[str, deque[Notification]] = {}
-        self._trimmed: dict[str, int] = {}  # topic -> highest id dropped from its history
+        self._ttl = history_ttl
+        self._history: OrderedDict[str, _Topic] = OrderedDict()
         self._topics: set[str] = set()
         self._answers: dict[str, tuple[float, Accepted]] = {}
         self._deliver: OnNotification = lambda _n: None
 
-    async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
+    async def start(self, on_notification: OnNotification, on_state: OnState, on_resync: OnResync) -> None:
         self._deliver = on_notification
         self.connected = True
         on_state(True)
@@ -40,7 +70,7 @@ class MemoryBroker:
             previous = self._remembered(idempotency_key)
             if previous is not None:
                 return replace(previous, repeated=True)
-        self._seq += 1
+        self._seq = next_id(self._seq, _now_us())
         notification = Notification.build(self._seq, topic, data_json, ts)
         accepted = Accepted(notification.id, topic, ts)
         if idempotency_key is not None:
@@ -53,23 +83,50 @@ class MemoryBroker:
     def _retain(self, notification: Notification) -> None:
         if self._history_size == 0:
             return
-        ring = self._history.get(notification.topic)
-        if ring is None:
-            ring = self._history[notification.topic] = deque(maxlen=self._history_size)
-        if len(ring) == ring.maxlen:
-            self._trimmed[notification.topic] = ring[0].id
-        ring.append(notification)
+        now = time.monotonic()
+        self._expire(now)
+        kept = self._history.get(notification.topic)
+        if kept is None:
+            kept = self._history[notification.topic] = _Topic(self._history_size, notification.id)
+        else:
+            self._history.move_to_end(notification.topic)
+        if len(kept.ring) == kept.ring.maxlen:
+            kept.trimmed = kept.ring[0].id
+        kept.ring.append(notification)
+        kept.expires = now + self._ttl
 
-    async def history(self, topic: str, since: int | None, limit: int) -> History:
-        ring = self._history.get(topic, ())
+    def _expire(self, now: float) -> None:
+        """Drop the histories whose last publish is older than the TTL (oldest first)."""
+        if self._ttl <= 0:
+            return
+        while self._history:
+            topic, kept = next(iter(self._history.items()))
+            if kept.expires > now:
+                return
+            del self._history[topic]
+
+    async def history(
+        self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
+    ) -> History:
+        self._expire(time.monotonic())
+        kept = self._history.get(topic)
+        ring = kept.ring if kept is not None else deque()
         if since is None:
-            found = list(ring)[-limit:] if limit else []
+            found = list(islice(reversed(ring), limit))
         else:
             found = list(islice((n for n in ring if n.id > since), limit))
-        # Anything before this process's first id, or trimmed away, is lost to a recovery.
-        lost_before = max(self._trimmed.get(topic, 0), self._epoch)
-        complete = self._history_size > 0 and (since is None or lost_before <= since)
-        return History(found, complete)
+        found, more = _fit(found, max_bytes)
+        if since is None:
+            found.reverse()
+        book = Bookkeeping(
+            epoch=self._epoch,
+            origin=kept.origin if kept is not None else None,
+            trimmed=kept.trimmed if kept is not None else None,
+            now=_now_us(),
+            ttl=self._ttl,
+            size=self._history_size,
+        )
+        return History(found, book.size > 0 if since is None else complete(since, book), more)
 
     async def subscribe(self, topic: str) -> None:
         self._topics.add(topic)
@@ -83,3 +140,13 @@ class MemoryBroker:
             self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
         entry = self._answers.get(key)
         return entry[1] if entry is not None and entry[0] > now else None
+
+
+def _fit(found: list[Notification], max_bytes: int) -> tuple[list[Notification], bool]:
+    """The leading notifications whose frames fit in ``max_bytes`` (at least one); True if cut."""
+    total = 0
+    for index, n in enumerate(found):
+        total += n.size
+        if total > max_bytes and index > 0:
+            return found[:index], True
+    return found, False

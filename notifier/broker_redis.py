@@ -21,20 +21,24 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from notifier.broker import IDEMPOTENCY_TTL, History, OnNotification, OnState
+from notifier.broker import IDEMPOTENCY_TTL, UNBOUNDED, History, OnNotification, OnResync, OnState
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, Notification, notification_tail
+from notifier.redis_history import (
+    CHANNEL_PREFIX,
+    EPOCH_KEY,
+    HISTORY_PREFIX,
+    IDEMPOTENCY_PREFIX,
+    META_PREFIX,
+    PROBE_PREFIX,
+    PUBLISH_LUA,
+    SEQ_KEY,
+    SESSION_LUA,
+    HistoryReader,
+)
 
 log = logging.getLogger("notifier.broker")
 
-PREFIX = "notifier:"
-SEQ_KEY = PREFIX + "seq"
-EPOCH_KEY = PREFIX + "epoch"
-IDEMPOTENCY_PREFIX = PREFIX + "idem:"
-CHANNEL_PREFIX = PREFIX + "topic:"
-HISTORY_PREFIX = PREFIX + "history:"
-TRIMMED_PREFIX = PREFIX + "trimmed:"
-PROBE_PREFIX = PREFIX + "probe:"
 PROBE_INTERVAL = 5.0  # seconds between two probes of the pub/sub link
 PROBE_TIMEOUT = 3.0  # a probe not back within this: the link is silently dead, reconnect
 PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
@@ -42,49 +46,10 @@ SUBSCRIBE_TIMEOUT = 3.0
 PUBLISH_CONNECTIONS = 32  # per node; Redis runs scripts one at a time anyway
 DEADLINE_MARGIN = 0.25  # seconds the script's deadline keeps before our own timeout fires
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
-
-# KEYS: sequence counter, epoch, topic channel, topic history stream, topic trim mark, [idempotency key]
-# ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,
-#       deadline in Redis's clock (unix ms)
-# Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}; past the
-# deadline {"", 2}: the caller has given up (answered 503) by then, so nothing may be published.
-# Id, history and publication happen in one atomic step: ids follow publish order across every
-# node, and the id a subscriber sees live is the id history holds. The history stream keeps
-# exactly the last N entries (stream id "<id>-0"); the trim mark is the highest id trimmed
-# away, and the epoch the id a fresh counter started from: a recovery from before the epoch
-# (a Redis that lost its data) or from before the trim mark has lost something.
-PUBLISH_LUA = """
-local now = redis.call('TIME')
-if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
-  return {'', 2}
-end
-if #KEYS == 6 then
-  local previous = redis.call('GET', KEYS[6])
-  if previous then return {previous, 1} end
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  -- A new (or wiped) Redis: start above every id an earlier counter can have handed out.
-  local first = string.format('%.0f', tonumber(ARGV[2]) * 1000)
-  redis.call('SET', KEYS[1], first)
-  redis.call('SET', KEYS[2], first)
-end
-local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
-local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
-local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
-local size = tonumber(ARGV[5])
-if size > 0 then
-  local excess = redis.call('XLEN', KEYS[4]) + 1 - size
-  if excess > 0 then
-    local gone = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', excess)
-    redis.call('SET', KEYS[5], string.match(gone[#gone][1], '^(%d+)'))
-  end
-  redis.call('XADD', KEYS[4], 'MAXLEN', size, id .. '-0', 'n', envelope)
-end
-redis.call('PUBLISH', KEYS[3], envelope)
-local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
-if #KEYS == 6 then redis.call('SET', KEYS[6], answer, 'EX', ARGV[3]) end
-return {answer, 0}
-"""
+# After a lost link: topics read back per pipeline, and entries per topic delivered from
+# history; a topic that missed more than that (or whose history lost some) gets 1012.
+GAP_TOPICS_PER_READ, GAP_ENTRIES = 32, 64
+GAP_BUFFER_BYTES = 16 << 20  # live messages held while the gap is filled; beyond: 1012 for all
 
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -104,9 +69,10 @@ def _no_retry() -> Retry:
 class RedisBroker:
     """Broker over one Redis server (``redis://`` or ``rediss://``)."""
 
-    def __init__(self, url: str, history_size: int = 1000) -> None:
+    def __init__(self, url: str, history_size: int = 1000, history_ttl: int = 86400) -> None:
         self.connected = False
         self._history_size = history_size
+        self._history_ttl = history_ttl
         self._url = url
         # A blocking pool: a burst of publishes waits for a free connection (up to the publish
         # timeout) rather than failing once 100 are in use, as redis-py's default pool does.
@@ -124,6 +90,20 @@ class RedisBroker:
             url, socket_connect_timeout=SUBSCRIBE_TIMEOUT, retry=_no_retry(), health_check_interval=0
         )
         self._script = self._pub.register_script(PUBLISH_LUA)
+        self._session_script = self._pub.register_script(SESSION_LUA)
+        self._reader = HistoryReader(self._pub, history_size, history_ttl)
+        # No silent gap: ``_gap_from`` is the position after which a lost session may have
+        # missed notifications (None: nothing to fill); ``_seen`` the last id the link delivered,
+        # ``_floor`` the id counter when the session subscribed; ``_filled`` the last id a gap
+        # fill delivered per topic (live duplicates of it are skipped); ``_held`` what arrives
+        # live while a fill runs.
+        self._gap_from: int | None = None
+        self._seen = self._floor = 0
+        self._live = False
+        self._filled: dict[str, int] = {}
+        self._filling = False
+        self._held: list[tuple[bytes, bytes]] | None = []
+        self._held_bytes = 0
         self._topics: set[str] = set()
         self._pubsub: PubSub | None = None
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
@@ -140,9 +120,10 @@ class RedisBroker:
         self._was_connected = False
         self._on_notification: OnNotification = lambda _n: None
         self._on_state: OnState = lambda _c: None
+        self._on_resync: OnResync = lambda _lost: None
 
-    async def start(self, on_notification: OnNotification, on_state: OnState) -> None:
-        self._on_notification, self._on_state = on_notification, on_state
+    async def start(self, on_notification: OnNotification, on_state: OnState, on_resync: OnResync) -> None:
+        self._on_notification, self._on_state, self._on_resync = on_notification, on_state, on_resync
         self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
         self._prober = asyncio.create_task(self._probe(), name="notifier-redis-probe")
 
@@ -159,7 +140,7 @@ class RedisBroker:
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
     ) -> Accepted:
-        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
+        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, META_PREFIX + topic]
         if idempotency_key is not None:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
         tail = notification_tail(topic, data_json, ts)
@@ -168,7 +149,9 @@ class RedisBroker:
         # A publish that reaches Redis after we answered 503 must not happen: the script refuses
         # past this deadline, set in Redis's own clock a margin before our timeout fires.
         deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
-        args: list[Any] = [tail, ts, IDEMPOTENCY_TTL, topic, self._history_size, deadline]
+        args: list[Any] = [
+            tail, ts, IDEMPOTENCY_TTL, topic, self._history_size, deadline, self._history_ttl
+        ]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 answer, outcome = await self._script(keys=keys, args=args)
@@ -180,33 +163,22 @@ class RedisBroker:
         id_, ts_, topic_ = answer.split(b" ", 2)
         return Accepted(int(id_), topic_.decode(), int(ts_), repeated=outcome == 1)
 
-    async def history(self, topic: str, since: int | None, limit: int) -> History:
-        key = HISTORY_PREFIX + topic
+    async def history(
+        self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
+    ) -> History:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
-                async with self._pub.pipeline(transaction=True) as pipe:
-                    if since is None:
-                        pipe.xrevrange(key, "+", "-", count=limit)
-                    else:
-                        pipe.xrange(key, f"{since + 1}-0", "+", count=limit)
-                    pipe.get(TRIMMED_PREFIX + topic)
-                    pipe.get(EPOCH_KEY)
-                    entries, trimmed, epoch = await pipe.execute()
+                return await self._reader.read(topic, since, limit, max_bytes)
         except _REDIS_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
-        if since is None:
-            entries.reverse()
-        found = [Notification.from_envelope(topic, fields[b"n"]) for _id, fields in entries]
-        lost_before = max(int(trimmed or 0), int(epoch or 0))
-        complete = self._history_size > 0 and (since is None or lost_before <= since)
-        return History(found, complete)
 
     async def subscribe(self, topic: str) -> None:
         await self._command("subscribe", topic)
 
     async def unsubscribe(self, topic: str) -> None:
         self._topics.discard(topic)
+        self._filled.pop(topic, None)
         if self.connected:
             try:
                 await self._command("unsubscribe", topic)
@@ -280,6 +252,11 @@ class RedisBroker:
     async def _read(self, pubsub: PubSub) -> None:
         wanted = {(CHANNEL_PREFIX + t).encode() for t in self._topics}
         unconfirmed = wanted | {self._probe_channel}
+        # Read before subscribing: every id above it is this session's to deliver.
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            floor = int(await self._session_script(keys=[SEQ_KEY, EPOCH_KEY]))
+        # While the gap of an earlier session is not filled, live messages wait (in order).
+        self._filling, self._held, self._held_bytes = self._gap_from is not None, [], 0
         await pubsub.subscribe(*unconfirmed)
         while True:
             message = await pubsub.get_message(timeout=None)
@@ -300,13 +277,52 @@ class RedisBroker:
                         await self._pub.connection_pool.disconnect(inuse_connections=False)
                         async with asyncio.timeout(PUBLISH_TIMEOUT):
                             await self._measure_clock()
-                        self._was_connected = True
+                        lost = await self._fill_gap() if self._gap_from is not None else None
+                        self._floor = self._seen = floor
+                        self._live = self._was_connected = True
                         self._set_connected(True)
+                        if lost is not None:
+                            self._on_resync(lost)
                 waiters = self._waiters.get((kind, channel))
                 if waiters:
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_result(None)
+
+    async def _fill_gap(self) -> list[str]:
+        """Deliver what every held topic missed since the last session, then what arrived live
+        meanwhile (minus duplicates); returns the topics for which that cannot be done whole."""
+        assert self._gap_from is not None
+        topics = sorted(self._topics)
+        lost: list[str] = []
+        for start in range(0, len(topics), GAP_TOPICS_PER_READ):
+            chunk = topics[start : start + GAP_TOPICS_PER_READ]
+            positions = {t: max(self._filled.get(t, 0), self._gap_from) for t in chunk}
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                gaps = await self._reader.gaps(positions, GAP_ENTRIES)
+            for topic, missed in gaps.items():
+                if missed is None:
+                    lost.append(topic)
+                    self._filled[topic] = 1 << 62  # its sockets are told: deliver nothing held
+                    continue
+                for n in missed:
+                    if topic in self._topics:
+                        self._on_notification(n)
+                    self._filled[topic] = n.id
+        held, self._held, self._filling = self._held, [], False
+        if held is None:  # too much arrived meanwhile to keep: nobody can be served whole
+            lost = sorted(self._topics)
+            held = []
+        else:
+            for channel, data in held:
+                self._deliver(channel, data)
+        # Messages still unread on the link may be in what history gave too: ``_filled`` stays,
+        # and a topic's entry goes once a newer id came live. Lost topics start afresh.
+        for topic in lost:
+            self._filled.pop(topic, None)
+        self._gap_from = None
+        log.info("redis subscriptions rebuilt: %d topics, %d could not be filled", len(topics), len(lost))
+        return lost
 
     async def _resync(self, pubsub: PubSub, subscribed: set[bytes]) -> None:
         """Drop channels whose last local subscriber left while the session was being set up."""
@@ -320,13 +336,31 @@ class RedisBroker:
             if sent is not None:
                 self.probe_lag = time.monotonic() - sent
             return
+        if self._filling:
+            self._hold(channel, data)
+            return
         topic = channel[len(CHANNEL_PREFIX) :].decode()
         try:
             notification = Notification.from_envelope(topic, data)
         except ValueError:
             log.error("dropping malformed broker message on %r", topic)
             return
+        if self._filled and topic in self._filled:
+            if notification.id <= self._filled[topic]:
+                return  # delivered from history by the last gap fill
+            del self._filled[topic]
+        if notification.id > self._seen:
+            self._seen = notification.id
         self._on_notification(notification)
+
+    def _hold(self, channel: bytes, data: bytes) -> None:
+        if self._held is None:
+            return
+        self._held_bytes += len(data)
+        if self._held_bytes > GAP_BUFFER_BYTES:
+            self._held = None
+        else:
+            self._held.append((channel, data))
 
     async def _probe(self) -> None:
         """Every few seconds: measure Redis's clock, publish a probe, and restart the pub/sub
@@ -385,6 +419,9 @@ class RedisBroker:
         self._listener = asyncio.create_task(self._listen(), name="notifier-redis-listener")
 
     def _end_session(self) -> None:
+        if self._live:  # this session may have missed something: the next one fills it in
+            self._gap_from, self._live = max(self._floor, self._seen), False
+        self._filling = False
         self._set_connected(False)
         self._pubsub = None
         for waiters in self._waiters.values():

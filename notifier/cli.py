@@ -22,6 +22,7 @@ from notifier.client import ClientError
 from notifier.settings import ConfigError, Settings, load_client_settings, load_settings
 
 DEV_SUB = "dev"
+DEV_TOKEN_TTL = 7 * 24 * 3600  # seconds: the dev token expires too, if long after the process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, help="user id")
     token.add_argument("--scope", action="append", choices=[SUBSCRIBE, PUBLISH], default=[])
     token.add_argument("--topic", action="append", help="glob pattern of allowed topics (repeatable)")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    token.add_argument(
+        "--ttl", type=int, default=3600, help="seconds until it expires (default 3600; every token expires)"
+    )
 
     publish = commands.add_parser("publish", help="publish one notification, print the answer")
     publish.add_argument("topic", metavar="TOPIC")
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dev_secret(settings: Settings) -> Settings:
     """With no secret configured: generate one, warn, and print a ready token and the demo URL."""
     secret = secrets.token_urlsafe(32)
-    token = TokenAuthority(secret).mint(DEV_SUB, [SUBSCRIBE, PUBLISH], ttl=None)
+    token = TokenAuthority(secret).mint(DEV_SUB, [SUBSCRIBE, PUBLISH], ttl=DEV_TOKEN_TTL)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     print(
         "notifier: warning: NOTIFIER_JWT_SECRET is not set; using a generated secret "
@@ -94,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from notifier.app import create_app
-    from notifier.server import DrainingServer, WebSocketProtocol, bind_unix_socket
+    from notifier.server import DrainingServer, HttpProtocol, bind_unix_socket, websocket_protocol
 
     settings = load_settings(host=args.host, port=args.port)
     unix_socket = None
@@ -112,7 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        ws=WebSocketProtocol,
+        # Not uvicorn's defaults: ours bound what a slow or hostile client can hold (request heads,
+        # stalled bodies, pong answers; see notifier.server), also when no nginx is in front.
+        http=HttpProtocol,
+        ws=websocket_protocol(settings.send_queue_bytes),
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
@@ -127,11 +133,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     if args.ttl <= 0:
-        raise ConfigError("--ttl: must be a positive number of seconds")
+        raise ConfigError("--ttl: must be a positive number of seconds (every token expires)")
     if not args.sub:
         raise ConfigError("--sub: must not be empty")
     secret = load_settings().secret
-    print(TokenAuthority(secret).mint(args.sub, args.scope, args.topic, args.ttl))
+    try:
+        token = TokenAuthority(secret).mint(args.sub, args.scope, args.topic, ttl=args.ttl)
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+    print(token)
     return 0
 
 

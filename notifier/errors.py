@@ -13,6 +13,7 @@ class CloseCode(IntEnum):
     UNSUPPORTED_DATA = 1003  # binary frame
     POLICY_VIOLATION = 1008  # token expired during the session
     MESSAGE_TOO_BIG = 1009  # frame over NOTIFIER_MAX_MESSAGE_BYTES
+    SERVICE_RESTART = 1012  # no gapless stream could be guaranteed: reconnect with positions
     TRY_AGAIN_LATER = 1013  # client too slow: outbound queue overflowed
 
 
@@ -21,6 +22,7 @@ class ErrorCode:
 
     BAD_REQUEST = "bad_request"
     FORBIDDEN = "forbidden"
+    LIMIT_EXCEEDED = "limit_exceeded"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
 
@@ -35,6 +37,10 @@ class AuthError(NotifierError):
 
 class Forbidden(NotifierError):
     """A valid principal asking for something its scopes or topics do not allow (HTTP 403)."""
+
+
+class LimitExceeded(NotifierError):
+    """A per-client limit would be passed (topics per connection): ``limit_exceeded``, nothing done."""
 
 
 class BrokerUnavailable(NotifierError):

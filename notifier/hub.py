@@ -8,6 +8,7 @@ appends it to its bounded queue for its own writer task, so a slow socket delays
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -59,6 +60,7 @@ class Connection:
         "on_drop",
         "on_close",
         "sink",
+        "drained",
     )
 
     def __init__(
@@ -77,6 +79,7 @@ class Connection:
         self.on_drop = on_drop
         self.on_close: Callable[[], None] = _nothing
         self.sink: Sink | None = None  # set by the edge once the socket is open
+        self.drained: asyncio.Future[None] | None = None  # a replay waiting for the queue to shrink
 
     def deliver(self, n: Notification) -> bool:
         """Hand over one notification: True when written to the socket at once, else queued."""
@@ -121,8 +124,27 @@ class Connection:
         self.pending = 0
         if lost:
             self.on_drop(lost)
+        self.wake()
         self.on_ready()
         self.on_close()
+
+    async def wait_drained(self, size: int) -> None:
+        """Return once ``size`` more bytes fit in half the bound (at once when nothing is
+        pending), or the connection is closing: a replay goes at the pace the socket drains."""
+        while self.pending and self.pending + size > self.max_pending // 2 and self.close_code is None:
+            self.drained = asyncio.get_running_loop().create_future()
+            try:
+                await self.drained
+            finally:
+                self.drained = None
+
+    def wake(self) -> None:
+        """Called by the writer as the queue shrinks (and on close): let a waiting replay go on."""
+        waiter = self.drained
+        if waiter is not None and not waiter.done() and (
+            self.close_code is not None or self.pending <= self.max_pending // 2
+        ):
+            waiter.set_result(None)
 
     def take(self) -> list[Item]:
         """Everything queued, oldest first, for the writer to send in one go."""
@@ -134,18 +156,55 @@ def _nothing() -> None:
     pass
 
 
+class Held:
+    """Live notifications of one topic buffered for a connection while it catches up on history.
+
+    Bounded: past ``limit`` bytes the buffer is emptied and ``overflowed`` set (what it held is
+    in history, which the replay reads again); it keeps buffering from there.
+    """
+
+    __slots__ = ("items", "size", "limit", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self.items: list[Notification] = []
+        self.size = 0
+        self.limit = limit
+        self.overflowed = False
+
+    def append(self, n: Notification) -> None:
+        self.size += n.size
+        if self.size > self.limit:
+            self.items, self.size, self.overflowed = [], 0, True
+        else:
+            self.items.append(n)
+
+
+HELD_BYTES = 256 * 1024  # per held topic and connection
+
+
 class Hub:
     """The local roster: which connections hold which topic. Only the node mutates it.
 
     A connection catching up on history is *held* on a topic: it counts as a subscriber (the
-    broker subscription stays) but live notifications are buffered for it instead of queued,
-    until the node has replayed history and releases it.
+    broker subscription stays) but live notifications are buffered for it (in a bounded
+    :class:`Held`) instead of queued, until the node has replayed history and releases it.
     """
 
     def __init__(self) -> None:
         self._topics: dict[str, set[Connection]] = {}
-        self._held: dict[str, dict[Connection, list[Notification]]] = {}
+        self._held: dict[str, dict[Connection, Held]] = {}
         self.connections: set[Connection] = set()
+        self.per_user: dict[str, int] = {}  # user (token sub) -> its open connections; no zeros kept
+
+    def user_attached(self, sub: str) -> None:
+        self.per_user[sub] = self.per_user.get(sub, 0) + 1
+
+    def user_detached(self, sub: str) -> None:
+        left = self.per_user.get(sub, 0) - 1
+        if left > 0:
+            self.per_user[sub] = left
+        else:
+            self.per_user.pop(sub, None)
 
     def add(self, conn: Connection, topic: str) -> None:
         self._topics.setdefault(topic, set()).add(conn)
@@ -158,18 +217,26 @@ class Hub:
             subscribers.discard(conn)
             if not subscribers:
                 del self._topics[topic]
-        self._held.setdefault(topic, {})[conn] = []
+        self._held.setdefault(topic, {})[conn] = Held(HELD_BYTES)
         conn.topics.add(topic)
+
+    def held(self, conn: Connection, topic: str) -> Held | None:
+        """The buffer of ``conn`` held on ``topic`` (None if not held)."""
+        return self._held.get(topic, {}).get(conn)
+
+    def subscribers(self, topic: str) -> list[Connection]:
+        """Every local connection on ``topic``, live or held."""
+        return [*self._topics.get(topic, ()), *self._held.get(topic, ())]
 
     def release(self, conn: Connection, topic: str) -> list[Notification]:
         """Turn a held subscription live; returns what was buffered meanwhile, oldest first."""
         held = self._held.get(topic)
-        buffered = held.pop(conn, []) if held is not None else []
+        buffered = held.pop(conn, None) if held is not None else None
         if held is not None and not held:
             del self._held[topic]
         if topic in conn.topics:
             self.add(conn, topic)
-        return buffered
+        return buffered.items if buffered is not None else []
 
     def remove(self, conn: Connection, topic: str) -> bool:
         """Take ``conn`` off ``topic``; True when that left the topic with no local subscriber."""

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from notifier.auth import Principal
 from notifier.broker import Broker, History
@@ -21,20 +20,12 @@ from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
 from notifier.protocol import Accepted, Notification
+from notifier.replay import Replay
 
 log = logging.getLogger("notifier.node")
 
 DRAIN_STEP = 0.1  # seconds between two batches of closes during a drain
-
-
-@dataclass(frozen=True, slots=True)
-class CatchUp:
-    """A recovery in progress: the topics held for it, the replay, and whether nothing was lost."""
-
-    topics: list[str]
-    since: int
-    replay: list[Notification]
-    recovered: bool
+HISTORY_READS = 4  # history answers (up to 4 MiB each) an instance builds at once
 
 
 class Node:
@@ -47,12 +38,13 @@ class Node:
         self.metrics = metrics
         self.draining = False
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.history_gate = asyncio.Semaphore(HISTORY_READS)  # history answers built at once
 
     async def start(self) -> None:
         self.metrics.broker_connected.set(0)
         broker = self.broker
         self.metrics.probe_lag.set_function(lambda: _nan_if_none(broker.probe_lag))
-        await self.broker.start(self._deliver, self._broker_state)
+        await self.broker.start(self._deliver, self._broker_state, self._resynced)
 
     async def close(self) -> None:
         await self.broker.close()
@@ -68,6 +60,20 @@ class Node:
             self.metrics.delivered.inc(written)
             self.metrics.latency.observe(max(0.0, time.time() - notification.ts / 1000))
 
+    def _resynced(self, lost: list[str]) -> None:
+        """The broker rebuilt its subscriptions after a lost link; ``lost`` topics' sockets may
+        have missed something that could not be delivered: they must recover by themselves."""
+        self.metrics.resubscribes.inc()
+        closed = 0
+        for topic in lost:
+            for conn in self.hub.subscribers(topic):
+                if conn.close_code is None:
+                    conn.close(CloseCode.SERVICE_RESTART, "notifications may have been missed; reconnect")
+                    closed += 1
+        if lost:
+            log.warning("broker link rebuilt: %d topics could not be filled in, %d sockets closed (1012)",
+                        len(lost), closed)
+
     def _broker_state(self, connected: bool) -> None:
         self.metrics.broker_connected.set(1 if connected else 0)
         log.info("broker %s", "connected" if connected else "disconnected")
@@ -75,15 +81,19 @@ class Node:
     # -- connections ------------------------------------------------------------------------
 
     def attach(self, conn: Connection) -> None:
-        self.hub.connections.add(conn)
+        if conn not in self.hub.connections:
+            self.hub.connections.add(conn)
+            self.hub.user_attached(conn.principal.sub)
         self.metrics.connections.set(len(self.hub.connections))
 
     async def detach(self, conn: Connection) -> None:
-        """Forget a closed connection: leave its topics, free its slot."""
+        """Forget a closed connection: leave its topics, free its slot (and its user's)."""
         try:
             await self.unsubscribe(conn, list(conn.topics))
         finally:
-            self.hub.connections.discard(conn)
+            if conn in self.hub.connections:
+                self.hub.connections.discard(conn)
+                self.hub.user_detached(conn.principal.sub)  # a refresh never changes the sub
             self.metrics.connections.set(len(self.hub.connections))
 
     async def subscribe(self, conn: Connection, topics: list[str]) -> None:
@@ -93,40 +103,17 @@ class Node:
         """
         for topic in topics:
             if topic not in conn.topics:
-                await self._join(conn, topic, hold=False)
+                await self.join(conn, topic, hold=False)
 
-    async def catch_up(self, conn: Connection, topics: list[str], since: int) -> CatchUp:
-        """Subscribe ``conn`` to ``topics`` and read what it missed after ``since``.
+    async def recover(self, conn: Connection, topics: list[str], since: int) -> Replay:
+        """Subscribe ``conn`` to ``topics`` held for a recovery after ``since`` and read the first
+        page of each: the returned :class:`Replay` knows ``recovered``; the caller sends its
+        reply, then runs it. Raises :class:`BrokerUnavailable`, leaving none of ``topics`` new."""
+        replay = Replay(self, conn, topics, since)
+        await replay.start()
+        return replay
 
-        Race-free against live traffic: each topic is subscribed (its live notifications
-        buffered, not sent) *before* its history is read, so everything published meanwhile
-        is in the history, the buffer, or both; :meth:`finish` merges them without gap or
-        duplicate. The caller sends its reply, then calls :meth:`finish` with no ``await``
-        between. Raises :class:`BrokerUnavailable`, leaving none of ``topics`` subscribed.
-        """
-        held: list[str] = []
-        moved: list[str] = []  # topics that were live already: recovered too, then live again
-        try:
-            for topic in dict.fromkeys(topics):
-                if topic in conn.topics:
-                    self.hub.hold(conn, topic)
-                    moved.append(topic)
-                    continue
-                await self._join(conn, topic, hold=True)
-                held.append(topic)
-            limit = max(1, self.history_size)
-            everything = moved + held
-            histories = await asyncio.gather(*(self.broker.history(t, since, limit) for t in everything))
-        except BaseException:
-            for topic in moved:  # back to live, with whatever arrived meanwhile
-                for n in self.hub.release(conn, topic):
-                    conn.enqueue(n)
-            await self.unsubscribe(conn, held)
-            raise
-        replay = sorted((n for h in histories for n in h.notifications), key=lambda n: n.id)
-        return CatchUp(everything, since, replay, all(h.complete for h in histories))
-
-    async def _join(self, conn: Connection, topic: str, hold: bool) -> None:
+    async def join(self, conn: Connection, topic: str, hold: bool) -> None:
         """Add ``conn`` to ``topic`` (live, or held for a catch-up), taking the broker
         subscription first if it is the topic's first local subscriber."""
         async with self._topic_lock(topic):
@@ -134,18 +121,8 @@ class Node:
                 await self.broker.subscribe(topic)
             (self.hub.hold if hold else self.hub.add)(conn, topic)
 
-    def finish(self, conn: Connection, catch_up: CatchUp) -> None:
-        """Queue the replay, then what arrived live meanwhile (minus duplicates), and go live."""
-        seen = {n.id for n in catch_up.replay}
-        for n in catch_up.replay:
-            conn.enqueue(n)
-        for topic in catch_up.topics:
-            for n in self.hub.release(conn, topic):
-                if n.id > catch_up.since and n.id not in seen:
-                    conn.enqueue(n)
-
-    async def history(self, topic: str, since: int | None, limit: int) -> History:
-        return await self.broker.history(topic, since, limit)
+    async def history(self, topic: str, since: int | None, limit: int, max_bytes: int) -> History:
+        return await self.broker.history(topic, since, limit, max_bytes)
 
     async def unsubscribe(self, conn: Connection, topics: list[str]) -> None:
         for topic in topics:

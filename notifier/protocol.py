@@ -142,13 +142,31 @@ def topic_list(value: Json, field: str = "topics") -> list[str]:
 
 
 def parse_since(value: str | None) -> int | None:
-    """A notification id given by a client: a positive integer in decimal digits; ValueError otherwise."""
+    """A notification id given by a client: a non-negative integer in decimal digits (0 asks for
+    everything retained); ValueError otherwise."""
     if value is None:
         return None
-    return positive_int(value, "a notification id")
+    return _decimal(value, "a notification id", 0)
 
 
 def positive_int(value: str, what: str) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 20 or int(value) < 1:
+    return _decimal(value, what, 1)
+
+
+def _decimal(value: str, what: str, minimum: int) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 20 or int(value) < minimum:
         raise ValueError(f"not {what}: {value[:40]!r}")
     return int(value)
+
+
+def encode_data(data: Json) -> bytes:
+    """The ``data`` of a notification, decoded from a client, encoded again for its frame.
+
+    :class:`BadFrame` when it cannot be: orjson reads 1,024 levels of nesting but writes only
+    255, and the data must still encode one level down, inside its frame (a subscriber that
+    decodes a frame and encodes it again, as ``notifier subscribe`` does, must not fail on it).
+    """
+    try:
+        return orjson.dumps([data])[1:-1]
+    except orjson.JSONEncodeError as exc:
+        raise BadFrame(f"'data' is nested too deeply and cannot be re-encoded ({exc})") from None

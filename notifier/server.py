@@ -10,6 +10,10 @@ drain here, in named steps:
 3. hand over to uvicorn's shutdown for in-flight HTTP requests, with what is left of the
    timeout; tasks still running then are cancelled;
 4. exit with status 0.
+
+The protocols keep an instance safe to reach without nginx in front (:class:`HttpProtocol`:
+request heads within 10 s and 16 KiB, bodies that stall given up after 30 s) and bound what
+one socket can make it hold, pong answers included (:class:`WebSocketProtocol`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import http
 import logging
 import os
 import re
@@ -26,8 +31,12 @@ import time
 from types import FrameType
 from typing import Any
 
+import httptools
+import orjson
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.http11 import Request
 
 from notifier.node import Node
@@ -54,8 +63,6 @@ class RedactTokens(logging.Filter):
 def install_log_filters() -> None:
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())
-
-
 
 
 class DirectSink:
@@ -140,6 +147,311 @@ class LeanEvent:
         await waiter
 
 
+# -- the edge reached without nginx in front -----------------------------------------------------
+
+HEAD_TIMEOUT = 10.0  # seconds a connection has to send a complete request head
+BODY_STALL_TIMEOUT = 30.0  # seconds a request body may go without a byte arriving
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers; over it: 431
+LINGER_TIMEOUT = 5.0  # after an error answer: seconds the rest of the request is read and discarded
+WRITE_STALL_TIMEOUT = 10.0  # seconds a socket may keep its write buffer full without taking a byte
+# The protocols below subclass uvicorn's and use some of their private attributes and methods;
+# _require() checks at import that those still exist.
+BUILT_AGAINST = "uvicorn 0.54.0, websockets 17.4, httptools 0.9.0"
+
+
+def error_response(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A complete HTTP/1.1 answer with our usual ``{"detail": ...}`` body, closing the connection."""
+    body = orjson.dumps({"detail": detail})
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())]
+    for name, value in default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    head.append(b"connection: close\r\n\r\n")
+    return b"".join(head) + body
+
+
+def _require(
+    owner: type, methods: tuple[str, ...] = (), names: dict[str, tuple[str, ...]] | None = None
+) -> None:
+    """Fail at import, with one clear message, when uvicorn no longer has what we override or use.
+
+    ``methods``: methods of ``owner`` we override or call; ``names``: for a method of ``owner``,
+    the attribute names its code must still use (an attribute set in ``__init__`` or read by a
+    method we replicate)."""
+    missing = [m for m in methods if not callable(getattr(owner, m, None))]
+    for method, wanted in (names or {}).items():
+        code = getattr(getattr(owner, method, None), "__code__", None)
+        used = set(code.co_names) if code is not None else set()
+        missing += [f"{method}() using .{name}" for name in wanted if name not in used]
+    if missing:
+        raise RuntimeError(
+            f"notifier.server overrides internals of {owner.__module__}.{owner.__qualname__} that uvicorn "
+            f"{uvicorn.__version__} no longer has: {', '.join(missing)}. It was built against "
+            f"{BUILT_AGAINST}: install that, or adapt notifier/server.py."
+        )
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: the request head passed MAX_HEAD_BYTES."""
+
+
+# The phases of an HTTP connection, for its one timer.
+_IDLE, _HEAD, _BODY, _LINGER = range(4)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, safe to reach without nginx in front:
+
+    - a connection must send a complete request head within ``HEAD_TIMEOUT`` of its start (or of
+      the first byte of its next request); otherwise it is closed (408 when part of a head came);
+    - a head over ``MAX_HEAD_BYTES`` gets 431, a WebSocket handshake too, and what the parser
+      holds of an unfinished head is never more than ``MAX_HEAD_BYTES`` plus one read;
+    - a request body that goes ``BODY_STALL_TIMEOUT`` without a byte arriving is given up: 408
+      (if no answer was started) and the connection closed.
+
+    Between requests uvicorn's own ``timeout_keep_alive`` closes an idle connection. One timer at
+    most per connection, armed only while a head or a body is awaited. After an error answer the
+    rest of the request is read and discarded for up to ``LINGER_TIMEOUT``, so the client reads
+    the answer instead of a reset. Everything else is uvicorn's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # bytes received since the head began (whole reads: may count a body)
+        self._head_counted = True  # False: the head began inside a read, _head_bytes counts less
+        self._head_since = 0.0  # loop time the head began
+        self._body_at = 0.0  # loop time the body last made progress
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start_head(self, counted: bool = True) -> None:
+        # No timer yet: data_received arms one only if the head is still incomplete after a read
+        # (most heads arrive whole in the read that starts them).
+        self._phase = _HEAD
+        self._head_bytes = 0
+        self._head_counted = counted
+        self._head_since = self.loop.time()
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self._phase != _HEAD or self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and self.cycle is None:
+            self.transport.close()  # a connection that never sent a byte: nothing to answer
+            return
+        self._refuse(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s")
+
+    def _body_stalled(self) -> None:
+        self._timer = None
+        if self._phase != _BODY or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:  # we hold the body back (the app has not taken it): not a stall
+            self._body_at = now
+        left = self._body_at + BODY_STALL_TIMEOUT - now
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._body_stalled)
+            return
+        self._refuse(408, f"request body stalled for {BODY_STALL_TIMEOUT:.0f} s")
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer ``status`` and close the connection.
+
+        A head refused while the answer to an earlier (pipelined) request is still on its way:
+        that answer goes out, then the connection closes, and nothing more is read. A body given
+        up: the app waiting for it sees a disconnect; if its answer was already started, the
+        connection is just closed.
+        """
+        self._disarm()
+        # uvicorn internals: self.cycle (RequestResponseCycle: response_started, response_complete,
+        # keep_alive, disconnected, message_event) and self.flow, checked at import (_require).
+        cycle = self.cycle
+        if self._phase == _BODY and cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self._close()
+                return
+        elif cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            self.flow.pause_reading()
+            self._phase = _IDLE
+            return
+        log.info("HTTP %d to %s: %s", status, _peer(self.client), detail)
+        self.transport.write(error_response(status, detail, self.server_state.default_headers))
+        self._phase = _LINGER
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+
+    def _close(self) -> None:
+        self._timer = None
+        # close() would wait for a write buffer a client that does not read never empties.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head()
+        self._arm(HEAD_TIMEOUT, self._head_timed_out)  # a connection that never sends a byte
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._phase = _IDLE
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == _HEAD:
+            self._head_bytes += len(data)
+        elif phase == _BODY:
+            self._body_at = self.loop.time()
+        elif phase == _LINGER:
+            return  # discarded: the answer is out, the connection is ending
+        elif not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+            self._start_head()  # the next request begins (or stray bytes: they get a deadline too)
+            self._head_bytes = len(data)
+        # From here, uvicorn's HttpToolsProtocol.data_received (0.54), plus the refusals. uvicorn
+        # internals used: parser, _unset_keepalive_if_required, _should_upgrade,
+        # handle_websocket_upgrade, _unsupported_upgrade_warning, send_400_response.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(431, f"request headers over {MAX_HEAD_BYTES} bytes")
+                return
+            self._parser_error()
+            return
+        except httptools.HttpParserError:
+            self._parser_error()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._phase == _HEAD:
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"request headers over {MAX_HEAD_BYTES} bytes")
+            elif self._timer is None:
+                left = self._head_since + HEAD_TIMEOUT - self.loop.time()
+                self._timer = self.loop.call_later(max(0.0, left), self._head_timed_out)
+        elif self._phase == _BODY and self._timer is None:
+            self._body_at = self.loop.time()
+            self._timer = self.loop.call_later(BODY_STALL_TIMEOUT, self._body_stalled)
+
+    def _parser_error(self) -> None:
+        self._disarm()
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+
+    # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase != _HEAD:  # a pipelined request, begun inside a read
+            self._start_head(counted=False)
+
+    def on_headers_complete(self) -> None:
+        if self._head_bytes > MAX_HEAD_BYTES or not self._head_counted:
+            # Whole reads counted more than the limit (maybe a body with them), or the head began
+            # inside a read: measure the head itself.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > MAX_HEAD_BYTES:
+                raise _HeadTooLarge(size)
+        self._disarm()
+        self._phase = _IDLE if self.parser.should_upgrade() and self._should_upgrade() else _BODY
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if self._phase == _BODY:
+            self._phase = _IDLE
+            self._disarm()
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None:
+            # The answer went out before the body ended (a 413, say): uvicorn armed its keep-alive
+            # timer then, and the body's later bytes cancelled it. Arm it again (uvicorn internals:
+            # timeout_keep_alive_task, timeout_keep_alive_handler), or the connection idles forever.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+
+_require(
+    HttpToolsProtocol,
+    methods=(
+        "connection_made",
+        "connection_lost",
+        "data_received",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_message_complete",
+        "handle_websocket_upgrade",
+        "send_400_response",
+        "_unset_keepalive_if_required",
+        "_should_upgrade",
+        "_unsupported_upgrade_warning",
+        "timeout_keep_alive_handler",
+    ),
+    names={
+        "__init__": (
+            "loop",
+            "parser",
+            "pipeline",
+            "cycle",
+            "flow",
+            "transport",
+            "server_state",
+            "client",
+            "timeout_keep_alive",
+            "timeout_keep_alive_task",
+        ),
+        "on_message_begin": ("url", "headers"),
+        "data_received": ("_unset_keepalive_if_required", "feed_data", "send_400_response"),
+    },
+)
+_require(
+    RequestResponseCycle,
+    names={
+        "__init__": (
+            "response_started",
+            "response_complete",
+            "keep_alive",
+            "disconnected",
+            "message_event",
+        )
+    },
+)
+
+
+# -- WebSocket ------------------------------------------------------------------------------------
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol plus two ASGI extensions:
 
@@ -148,7 +460,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     - ``notifier.sink``: a :class:`DirectSink`, offered when no extension was negotiated, so a
       fan-out writes one shared encoded frame to each socket without a task switch or an
       ASGI message per delivery.
+
+    and bounded per socket: while the transport is paused for writing (its buffer over the
+    high-water mark) nothing is read from the socket, so control frames (pong answers to a ping
+    flood) cannot pile up either; a socket whose write buffer passes ``send_queue_bytes``
+    (NOTIFIER_SEND_QUEUE_BYTES, see :func:`websocket_protocol`), or that stays paused for
+    ``WRITE_STALL_TIMEOUT``, is dropped (a close frame could not get out: the client does not
+    read). A refused handshake the websockets parser answers itself (a request line over its
+    8 KiB: 414; a header line over 8 KiB or over 128 headers: 431; anything else it cannot
+    parse: 400) gets that answer with our JSON body, instead of silence.
     """
+
+    send_queue_bytes = 1 << 20  # set per server by websocket_protocol()
+    _stall: asyncio.TimerHandle | None = None  # an instance attribute only while paused
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,9 +480,110 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.writable = LeanEvent()  # type: ignore[assignment]
         self.writable.set()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A budget under the transport's default high-water mark (64 KiB): pause well before it.
+        high = self.send_queue_bytes // 2
+        if high < 64 * 1024:
+            self.transport.set_write_buffer_limits(high=high)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            del self._stall
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self._refuse_handshake(self.conn.handshake_exc)
+
+    def _refuse_handshake(self, exc: Exception) -> None:
+        # The websockets parser refused the request before uvicorn saw it, and queued its own
+        # answer, which uvicorn never writes (websockets >= 14 with uvicorn 0.54).
+        self.conn.data_to_send()
+        if isinstance(exc, RequestLineTooLong):
+            status = 414
+        elif isinstance(exc, (HeaderLineTooLong, TooManyHeaders)):
+            status = 431
+        else:
+            status = 400
+        detail = f"WebSocket handshake refused: {exc}"
+        if exc.__cause__ is not None:
+            detail += f" ({exc.__cause__})"
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        if not self.transport.is_closing():
+            self.transport.write(error_response(status, detail, self.default_headers))
+            self.transport.close()
+
+    # -- back-pressure --------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.pause_reading()
+        if transport.get_write_buffer_size() > self.send_queue_bytes:
+            # Called from inside transport.write(): drop the connection once that returned.
+            self.loop.call_soon(self._drop, "its write buffer passed NOTIFIER_SEND_QUEUE_BYTES")
+        elif self._stall is None:
+            self._stall = self.loop.call_later(WRITE_STALL_TIMEOUT, self._drop, "it did not read for long")
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+        if self._stall is not None:
+            self._stall.cancel()
+            del self._stall
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _drop(self, why: str) -> None:
+        if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+            return
+        unsent = self.transport.get_write_buffer_size()
+        log.info("dropping the socket of %s: %s (%d bytes unsent)", _peer(self.client), why, unsent)
+        self.transport.abort()
+
+    def handle_ping(self) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            self.conn.data_to_send()  # the pong: nowhere to go
+            return
+        super().handle_ping()
+        if not self.writable.is_set() and transport.get_write_buffer_size() > self.send_queue_bytes:
+            self._drop("pong answers passed NOTIFIER_SEND_QUEUE_BYTES")
+
+    async def receive(self) -> Any:
+        # uvicorn's receive(), except that reading stays paused while writing is.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if self.writable.is_set() and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return message
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        # uvicorn wrote a 1011 close frame and called transport.close(), which waits for the write
+        # buffer to drain: forever, if the peer (that did not answer the ping) does not read.
+        if self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self.transport.abort()
+
+    def _close_or_abort(self) -> None:
+        """Close; abort when something is still unsent (close() would wait for it forever if the
+        peer does not read, and a peer that did not answer in time is not reading)."""
+        self.close_timer = None
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+
+    # -- ASGI -----------------------------------------------------------------------------------
+
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if message["type"] == "websocket.accept":
+        kind = message["type"]
+        if kind == "websocket.accept":
             # The handshake's request and response (headers and all) are not needed any more:
             # about 3 KiB per idle connection. The request object itself stays referenced by
             # the websockets parser's suspended frame, so its headers are emptied in place; the
@@ -167,6 +592,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 self.request.headers.clear()
             self.scope["headers"] = []
             self.request = self.response = None  # type: ignore[assignment]
+        elif kind == "websocket.close":
+            # uvicorn resumes reading to see the close answer, even if the close frame filled
+            # the buffer; and its close timer calls transport.close(), which waits forever for a
+            # buffer a client that does not read never empties.
+            if not self.writable.is_set() and not self.transport.is_closing():
+                self.transport.pause_reading()
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(self.close_timeout, self._close_or_abort)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -178,6 +612,53 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         extensions[ABORT_EXTENSION] = {"abort": self.transport.abort}
         if not self.conn.extensions:
             extensions[SINK_EXTENSION] = {"sink": DirectSink(self)}
+
+
+_require(
+    WebSocketsSansIOProtocol,
+    methods=(
+        "connection_made",
+        "connection_lost",
+        "data_received",
+        "pause_writing",
+        "resume_writing",
+        "handle_ping",
+        "handle_connect",
+        "keepalive_timeout",
+        "receive",
+        "send",
+    ),
+    names={
+        "__init__": (
+            "transport",
+            "loop",
+            "conn",
+            "queue",
+            "writable",
+            "read_paused",
+            "handshake_initiated",
+            "handshake_complete",
+            "close_sent",
+            "close_timer",
+            "close_timeout",
+            "default_headers",
+            "client",
+        ),
+        "receive": ("queue", "read_paused", "resume_reading"),
+        "send": ("close_timer", "read_paused", "resume_reading"),
+    },
+)
+
+
+def websocket_protocol(send_queue_bytes: int) -> type[WebSocketProtocol]:
+    """:class:`WebSocketProtocol` bounded by ``send_queue_bytes`` a socket, for ``uvicorn.Config(ws=...)``."""
+
+    class Bounded(WebSocketProtocol):
+        pass
+
+    Bounded.send_queue_bytes = send_queue_bytes
+    Bounded.__name__ = Bounded.__qualname__ = "WebSocketProtocol"
+    return Bounded
 
 
 def bind_unix_socket(path: str) -> socket.socket:

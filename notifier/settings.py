@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifier.auth import MIN_SECRET_BYTES
+
 ENV_PREFIX = "NOTIFIER_"
 BROKER_SCHEMES = ("memory://", "redis://", "rediss://")
 
@@ -26,8 +28,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_connections: int = Field(10000, ge=1)
+    # Sockets one user (token `sub`) may hold on one instance; beyond it the handshake gets 429.
+    max_connections_per_user: int = Field(100, ge=1)
+    # Topics one connection may hold, broadcast and user:<sub> included (hence at least 2);
+    # beyond it the handshake gets 403 and a subscribe frame `limit_exceeded`.
+    max_topics_per_connection: int = Field(128, ge=2)
     max_message_bytes: int = Field(65536, ge=64)
     history_size: int = Field(1000, ge=0)
+    # Seconds a topic's history and bookkeeping live after its last publish (0: forever), so
+    # that Redis holds only the topics published within it.
+    history_ttl: int = Field(86400, ge=0)
     send_queue_bytes: int = Field(1048576, ge=1024)
     shutdown_timeout: float = Field(10, gt=0)
     # permessage-deflate costs one compression per socket per notification on a fan-out and
@@ -61,9 +71,21 @@ class Settings(BaseSettings):
 
     @field_validator("jwt_secret")
     @classmethod
-    def _non_empty_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value():
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        try:
+            size = len(value.get_secret_value().encode())
+        except UnicodeEncodeError:  # undecodable bytes in the environment
+            raise ValueError("must be valid UTF-8 text") from None
+        if not size:
             raise ValueError("must not be empty (unset it to get a generated development secret)")
+        if size < MIN_SECRET_BYTES:
+            # HS256 with a shorter key is guessable offline from any token (RFC 7518 3.2).
+            raise ValueError(
+                f"must be at least {MIN_SECRET_BYTES} bytes, got {size} "
+                "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         return value
 
     @property

@@ -11,24 +11,25 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams
 
 from notifier.auth import SUBSCRIBE, Principal, bearer
-from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden
+from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden, LimitExceeded
 from notifier.hub import Connection, Item
 from notifier.protocol import (
     BadFrame,
     ClientFrame,
     dumps,
+    encode_data,
     parse_client_frame,
     parse_since,
     topic_list,
     valid_topic,
     ws_text_frame,
 )
+from notifier.replay import Replay
 from notifier.services import Services
 
 log = logging.getLogger("notifier.ws")
@@ -43,11 +44,14 @@ SINK_EXTENSION = "notifier.sink"
 
 
 class Handshake(Exception):
-    """Refuse the handshake with this HTTP status (no connection is opened)."""
+    """Refuse the handshake with this HTTP status (no connection is opened); ``outcome`` is the
+    label of ``notifier_handshakes_total`` (by default the status's: 429 limited, 503 unavailable,
+    else forbidden)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, outcome: str | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail = status, detail
+        self.outcome = outcome or {429: "limited", 503: "unavailable"}.get(status, "forbidden")
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -66,21 +70,20 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         try:
             if since is None:
                 await node.subscribe(conn, topics)
-                catch_up = None
+                replay = None
             else:
-                catch_up = await node.catch_up(conn, topics, since)
-                hello["recovered"] = catch_up.recovered
+                replay = await node.recover(conn, topics, since)
+                hello["recovered"] = replay.recovered
         except BrokerUnavailable as exc:
             await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
             return
         await websocket.accept()
+        services.metrics.handshakes.labels("accepted").inc()
         sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
         conn.sink = sink["sink"] if sink else None
         hello["topics"] = sorted(conn.topics)
         conn.push_first(dumps(hello))
-        if catch_up is not None:
-            node.finish(conn, catch_up)
-        await Session(services, websocket, conn).run()
+        await Session(services, websocket, conn).run(replay)
     finally:
         await node.detach(conn)
 
@@ -91,12 +94,21 @@ def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, lis
     token = params.get("token") or bearer(_header(websocket, b"authorization"))
     try:
         principal = services.authority.verify(token)
+    except AuthError as exc:
+        raise Handshake(403, str(exc), "unauthorized") from None
+    try:
         raw = params.get("topics")
         topics = topic_list(raw.split(",")) if raw else []
+        limit = services.settings.max_topics_per_connection
+        held = len(set(principal.auto_topics()).union(topics))
+        if held > limit:
+            raise LimitExceeded(
+                f"too many topics: {held}, broadcast and user:<sub> included; at most {limit} a connection"
+            )
         principal.check_subscribe(topics)
         since = parse_since(params.get("since"))
-    except (AuthError, Forbidden, BadFrame, ValueError) as exc:
-        raise Handshake(403, str(exc)) from None
+    except (Forbidden, LimitExceeded, BadFrame, ValueError) as exc:
+        raise Handshake(403, str(exc), "forbidden") from None
     return principal, topics, since
 
 
@@ -110,12 +122,18 @@ def _header(websocket: WebSocket, name: bytes) -> str | None:
 
 
 def _admit(services: Services, principal: Principal) -> Connection:
-    """Take a connection slot, or refuse with 503."""
+    """Take a connection slot, or refuse with 503 (draining, full) or 429 (the user's limit)."""
     node, settings = services.node, services.settings
     if node.draining:
         raise Handshake(503, "instance is draining")
     if len(node.hub.connections) >= settings.max_connections:
         raise Handshake(503, "instance is at its connection limit")
+    if node.hub.per_user.get(principal.sub, 0) >= settings.max_connections_per_user:
+        raise Handshake(
+            429,
+            f"this user already holds {settings.max_connections_per_user} connections "
+            "on this instance (NOTIFIER_MAX_CONNECTIONS_PER_USER)",
+        )
     conn = Connection(principal, settings.send_queue_bytes, services.metrics.dropped_slow.inc)
     node.attach(conn)
     return conn
@@ -123,6 +141,7 @@ def _admit(services: Services, principal: Principal) -> Connection:
 
 async def _deny(services: Services, websocket: WebSocket, refusal: Handshake) -> None:
     services.metrics.rejected_handshakes.labels(str(refusal.status)).inc()
+    services.metrics.handshakes.labels(refusal.outcome).inc()
     response = JSONResponse({"detail": refusal.detail}, status_code=refusal.status)
     try:
         await websocket.send_denial_response(response)
@@ -144,6 +163,7 @@ class Session:
         "expiry",
         "watchdog",
         "writer",
+        "replay",
     )
 
     def __init__(self, services: Services, websocket: WebSocket, conn: Connection) -> None:
@@ -157,21 +177,35 @@ class Session:
         self.expiry: asyncio.TimerHandle | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.replay: asyncio.Task[None] | None = None  # the last recovery started (see Replay)
 
-    async def run(self) -> None:
+    async def run(self, replay: Replay | None = None) -> None:
         self.conn.on_close = self._closing
         self.conn.on_ready = self._kick
         self._kick()
         self._schedule_expiry()
+        if replay is not None:
+            self._start_replay(replay)
         try:
             await self._read()
         finally:
             for timer in (self.expiry, self.watchdog):
                 if timer is not None:
                     timer.cancel()
-            if self.writer is not None:
-                self.writer.cancel()
-                await asyncio.gather(self.writer, return_exceptions=True)
+            for task in (self.replay, self.writer):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    def _start_replay(self, replay: Replay) -> None:
+        """Run ``replay`` in the background (the reader goes on), after the one before it."""
+        self.replay = asyncio.get_running_loop().create_task(self._run_replay(replay, self.replay))
+
+    @staticmethod
+    async def _run_replay(replay: Replay, before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        await replay.run()
 
     def _kick(self) -> None:
         """Something is queued (or a close asked for): make sure a writer runs. Writers are
@@ -240,6 +274,8 @@ class Session:
                 await send({"type": "websocket.send", "text": text})
             if conn.close_code is None:
                 conn.pending -= size
+                if conn.drained is not None:
+                    conn.wake()
             if ts:
                 delivered += 1
                 last_ts = ts
@@ -297,6 +333,8 @@ class Session:
             self._error(frame, ErrorCode.BAD_REQUEST, str(exc))
         except (Forbidden, AuthError) as exc:
             self._error(frame, ErrorCode.FORBIDDEN, str(exc))
+        except LimitExceeded as exc:
+            self._error(frame, ErrorCode.LIMIT_EXCEEDED, str(exc))
         except BrokerUnavailable as exc:
             self._error(frame, ErrorCode.UNAVAILABLE, str(exc))
 
@@ -309,6 +347,12 @@ class Session:
 
     async def _subscribe(self, frame: ClientFrame) -> None:
         topics = topic_list(frame.body.get("topics"))
+        held, limit = self.conn.topics, self.services.settings.max_topics_per_connection
+        new = sum(1 for topic in topics if topic not in held)
+        if len(held) + new > limit:
+            raise LimitExceeded(
+                f"too many topics: {len(held)} held and {new} more asked for; at most {limit} a connection"
+            )
         self.conn.principal.check_subscribe(topics)
         since = _frame_since(frame.body.get("since"))
         reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
@@ -316,10 +360,14 @@ class Session:
             await self.node.subscribe(self.conn, topics)
             self._reply(frame, reply)
             return
-        catch_up = await self.node.catch_up(self.conn, topics, since)
-        reply["recovered"] = catch_up.recovered
+        running, hub = self.replay, self.node.hub
+        if running is not None and any(hub.held(self.conn, t) is not None for t in topics):
+            # One recovery of a topic at a time: the new one starts once this one is live.
+            await asyncio.gather(running, return_exceptions=True)
+        replay = await self.node.recover(self.conn, topics, since)
+        reply["recovered"] = replay.recovered
         self._reply(frame, reply)
-        self.node.finish(self.conn, catch_up)
+        self._start_replay(replay)
 
     async def _unsubscribe(self, frame: ClientFrame) -> None:
         topics = topic_list(frame.body.get("topics"))
@@ -334,7 +382,7 @@ class Session:
             raise BadFrame("'data' is required (null allowed)")
         principal = self.conn.principal
         principal.check_publish(topic)
-        data_json = orjson.dumps(frame.body["data"])
+        data_json = encode_data(frame.body["data"])  # BadFrame when nested too deeply
         accepted = await self.node.publish(principal, topic, data_json)
         self._reply(frame, {"type": "published", **accepted.as_json()})
 
@@ -376,10 +424,10 @@ class Session:
 
 
 def _frame_since(value: object) -> int | None:
-    """``since`` of a subscribe frame: absent, a positive integer, or a string of its digits."""
+    """``since`` of a subscribe frame: absent, a non-negative integer, or a string of its digits."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     try:
         if isinstance(value, str):

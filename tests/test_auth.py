@@ -24,6 +24,10 @@ def principal(
 
 
 def raw_token(claims: dict[str, Any], secret: str = SECRET, algorithm: str = "HS256") -> str:
+    """``claims`` signed, with an ``exp`` an hour away unless they give one (or ``exp=None``: none)."""
+    claims = {"exp": int(time.time()) + 3600, **claims}
+    if claims["exp"] is None:
+        del claims["exp"]
     return jwt.encode(claims, secret, algorithm=algorithm)
 
 
@@ -42,10 +46,24 @@ def test_a_valid_token_gives_its_user_scopes_topics_and_expiry() -> None:
 
 
 def test_a_token_without_scope_or_topics_has_no_scopes_and_any_topic() -> None:
-    p = authority.verify(raw_token({"sub": "alice"}))
+    exp = int(time.time()) + 60
+    p = authority.verify(raw_token({"sub": "alice", "exp": exp}))
     assert p.scopes == frozenset()
     assert p.topics is None
-    assert p.exp is None
+    assert p.exp == exp
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "alice", "scope": "subscribe publish", "exp": None},
+        {"sub": "alice", "scope": "subscribe publish", "exp": None, "iat": int(time.time())},
+    ],
+)
+def test_a_token_without_exp_is_refused_saying_exp_is_required(claims: dict[str, Any]) -> None:
+    fresh = TokenAuthority(SECRET)  # nothing remembered
+    with pytest.raises(AuthError, match="'exp'.*required"):
+        fresh.verify(raw_token(claims))
 
 
 @pytest.mark.parametrize("token", [None, ""])
@@ -78,8 +96,9 @@ def test_an_expired_token_is_refused_as_expired() -> None:
 
 
 def test_an_unsigned_token_is_refused() -> None:
+    claims = {"sub": "alice", "scope": "subscribe publish", "exp": int(time.time()) + 60}
     with pytest.raises(AuthError):
-        authority.verify(jwt.encode({"sub": "alice", "scope": "subscribe publish"}, None, algorithm="none"))
+        authority.verify(jwt.encode(claims, None, algorithm="none"))
 
 
 def test_a_token_with_another_algorithm_is_refused() -> None:
@@ -113,6 +132,10 @@ def test_a_token_without_a_user_is_refused(claims: dict[str, Any]) -> None:
         {"sub": "alice", "topics": ["room:*", 3]},
         {"sub": "alice", "topics": {"room:*": True}},
         {"sub": "alice", "exp": "tomorrow"},
+        {"sub": "alice", "exp": "99999999999"},
+        {"sub": "alice", "exp": 10**30},
+        {"sub": "alice", "exp": 1e300},
+        {"sub": "\ud800", "scope": "subscribe"},
     ],
 )
 def test_a_token_with_badly_typed_claims_is_refused(claims: dict[str, Any]) -> None:
@@ -126,8 +149,25 @@ def test_tokens_minted_by_the_authority_verify() -> None:
     assert p.exp is not None and 50 <= p.exp - time.time() <= 61
 
 
-def test_a_minted_token_without_ttl_never_expires() -> None:
-    assert authority.verify(authority.mint("bob", ["subscribe"], ttl=None)).exp is None
+@pytest.mark.parametrize("ttl", [None, 0, -60, 2**60, True])
+def test_a_token_without_expiry_cannot_be_minted(ttl: Any) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        authority.mint("bob", ["subscribe"], ttl=ttl)
+
+
+def test_a_minted_token_carries_iat_and_exp() -> None:
+    token = authority.mint("bob", ["subscribe"], ttl=60)
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert abs(claims["iat"] - time.time()) <= 2
+    assert claims["exp"] - claims["iat"] == 60
+
+
+def test_an_authority_refuses_a_secret_shorter_than_32_bytes() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        TokenAuthority("x" * 31)
+    with pytest.raises(ValueError, match="32 bytes"):
+        TokenAuthority("é" * 15)  # 30 bytes in UTF-8
+    TokenAuthority("é" * 16)  # 32 bytes
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,7 @@ class Inbox:
     def __init__(self) -> None:
         self.notifications: list[Notification] = []
         self.states: list[bool] = []
+        self.resyncs: list[list[str]] = []  # topics named lost, per rebuild of the subscriptions
         self._changed = asyncio.Event()
 
     def on_notification(self, notification: Notification) -> None:
@@ -89,6 +90,10 @@ class Inbox:
 
     def on_state(self, connected: bool) -> None:
         self.states.append(connected)
+        self._changed.set()
+
+    def on_resync(self, lost: list[str]) -> None:
+        self.resyncs.append(lost)
         self._changed.set()
 
     def of(self, topic: str) -> list[Notification]:
@@ -118,7 +123,7 @@ class Inbox:
 async def running(broker: Broker) -> AsyncIterator[Inbox]:
     """Start ``broker``, wait until it reports connected, close it on the way out."""
     inbox = Inbox()
-    await broker.start(inbox.on_notification, inbox.on_state)
+    await broker.start(inbox.on_notification, inbox.on_state, inbox.on_resync)
     try:
         await inbox.wait_for(lambda: broker.connected, "the broker to connect")
         yield inbox
@@ -184,7 +189,7 @@ def make_broker(broker_kind: str, broker_url: str) -> MakeBroker:
 async def test_start_reports_connected_through_on_state(make_broker: MakeBroker) -> None:
     broker = make_broker()
     inbox = Inbox()
-    await broker.start(inbox.on_notification, inbox.on_state)
+    await broker.start(inbox.on_notification, inbox.on_state, inbox.on_resync)
     try:
         await inbox.wait_for(lambda: bool(inbox.states), "on_state to be called")
         assert inbox.states == [True]
@@ -531,3 +536,125 @@ async def test_redis_broker_reconnects_and_resubscribes_after_an_outage() -> Non
             assert after.id > before.id  # ids keep increasing across the outage
     finally:
         await anyio.to_thread.run_sync(server.stop)
+
+
+# -- retained history: bounds, expiry, honest completeness (v2) ---------------------------------
+
+
+@pytest.fixture
+def make_kept(broker_kind: str, broker_url: str) -> Callable[[int, int], Broker]:
+    """A broker keeping ``size`` notifications per topic for ``ttl`` seconds after its last publish."""
+    if broker_kind == "memory":
+        return MemoryBroker
+    return lambda size, ttl: RedisBroker(broker_url, size, ttl)
+
+
+async def test_history_is_cut_at_max_bytes_newest_without_since_oldest_with_it(
+    make_kept: Callable[[int, int], Broker],
+) -> None:
+    broker, topic = make_kept(100, 0), fresh()
+    async with running(broker):
+        ids = [(await broker.publish(topic, encoded("x" * 1000), now_ms())).id for _ in range(10)]
+        newest = await broker.history(topic, None, 100, 3500)
+        oldest = await broker.history(topic, ids[0], 100, 3500)
+        everything = await broker.history(topic, None, 100)
+        tiny = await broker.history(topic, None, 100, 1)
+    assert [n.id for n in newest.notifications] == ids[-3:] and newest.more
+    assert [n.id for n in oldest.notifications] == ids[1:4] and oldest.more
+    assert [n.id for n in everything.notifications] == ids and not everything.more
+    assert [n.id for n in tiny.notifications] == ids[-1:] and tiny.more  # at least one, always
+
+
+async def test_history_expires_after_the_ttl_ids_keep_increasing_and_recovery_says_incomplete(
+    make_kept: Callable[[int, int], Broker],
+) -> None:
+    broker, topic = make_kept(100, 1), fresh()
+    async with running(broker):
+        first = await broker.publish(topic, encoded(1), now_ms())
+
+        async def expired() -> bool:
+            return not (await broker.history(topic, None, 10)).notifications
+
+        await eventually_async(expired, "the history to expire", 15)
+        nothing_since = await broker.history(topic, first.id, 10)
+        second = await broker.publish(topic, encoded(2), now_ms())
+        published_since = await broker.history(topic, first.id, 10)
+        from_second = await broker.history(topic, second.id - 1, 10)
+    assert second.id > first.id
+    assert not nothing_since.complete and nothing_since.notifications == []
+    assert not published_since.complete and [n.id for n in published_since.notifications] == [second.id]
+    assert from_second.complete
+
+
+async def test_a_topic_never_published_counts_as_nothing_lost_within_the_ttl(
+    make_kept: Callable[[int, int], Broker],
+) -> None:
+    broker, topic, other = make_kept(100, 3600), fresh(), fresh()
+    async with running(broker):
+        position = (await broker.publish(other, encoded(1), now_ms())).id
+        untouched = await broker.history(topic, position, 10)
+        later = await broker.publish(topic, encoded(2), now_ms())
+        first_ever = await broker.history(topic, position, 10)
+        from_zero = await broker.history(topic, 0, 10)  # since=0: everything retained
+    assert untouched.complete and untouched.notifications == []
+    assert from_zero.complete and [n.id for n in from_zero.notifications] == [later.id]
+    assert first_ever.complete and [n.id for n in first_ever.notifications] == [later.id]
+
+
+async def test_history_trimmed_past_since_is_incomplete_and_within_it_complete(
+    make_kept: Callable[[int, int], Broker],
+) -> None:
+    broker, topic = make_kept(3, 0), fresh()
+    async with running(broker):
+        ids = [(await broker.publish(topic, encoded(i), now_ms())).id for i in range(5)]
+        cut = await broker.history(topic, ids[0], 10)
+        kept = await broker.history(topic, ids[1], 10)
+    assert not cut.complete and [n.id for n in cut.notifications] == ids[2:]
+    assert kept.complete and [n.id for n in kept.notifications] == ids[2:]
+
+
+@pytest.mark.redis
+async def test_redis_wiped_recovery_is_incomplete_even_before_anything_new_is_published(
+    redis_server: RedisServer,
+) -> None:
+    broker, topic = RedisBroker(redis_server.url), fresh()
+    async with running(broker):
+        position = (await broker.publish(topic, encoded(1), now_ms())).id
+        await broker.publish(topic, encoded(2), now_ms())
+        client = Redis.from_url(redis_server.url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        after_wipe = await broker.history(topic, position, 10)
+        newer = await broker.publish(topic, encoded(3), now_ms())
+        after_publish = await broker.history(topic, position, 10)
+    assert not after_wipe.complete
+    assert newer.id > position
+    assert not after_publish.complete
+
+
+@pytest.mark.redis
+async def test_redis_rebuilt_link_delivers_what_was_missed_in_order_and_reports_the_rebuild(
+    redis_server: RedisServer,
+) -> None:
+    """Notifications published while the pub/sub link is down (killed by Redis) reach the
+    subscriber after the rebuild, in order, once each; ``on_resync`` names no lost topic."""
+    subscriber, publisher, topic = RedisBroker(redis_server.url), RedisBroker(redis_server.url), fresh()
+    client = Redis.from_url(redis_server.url)
+    async with running(subscriber) as inbox, running(publisher):
+        await subscriber.subscribe(topic)
+        sent = [(await publisher.publish(topic, encoded(0), now_ms())).id]
+        await inbox.wait_count(topic, 1)
+        try:
+            await client.client_kill_filter(_type="pubsub")
+        finally:
+            await client.aclose()
+        await inbox.wait_for(lambda: not subscriber.connected, "the link to drop")
+        for i in range(1, 6):  # while the subscriber reconnects (some may race its resubscribe)
+            sent.append((await publisher.publish(topic, encoded(i), now_ms())).id)
+        await inbox.wait_for(lambda: bool(inbox.resyncs), "the rebuild")
+        sent.append((await publisher.publish(topic, encoded(6), now_ms())).id)
+        received = await inbox.wait_count(topic, len(sent))
+    assert [n.id for n in received] == sent
+    assert inbox.resyncs == [[]]

@@ -969,7 +969,8 @@ async def test_redis_frozen_post_is_refused_in_time_never_delivered_and_readines
             )
             assert history.status_code == 200, history.text
             assert history.json() == {
-                "notifications": [notification(before, "before"), notification(after, "after")]
+                "notifications": [notification(before, "before"), notification(after, "after")],
+                "more": False,
             }
     print(
         f"\n[redis frozen] 503 after {refused_in:.2f}s; /readyz 503 after {unready_in:.2f}s frozen; "

@@ -58,7 +58,7 @@ def test_with_since_the_first_limit_after_it_come_oldest_first(small: TestClient
     ids = publish(small, token, "news", 5)
     answer = history(small, token, "news", since=ids[1], limit=2)
     assert [n["id"] for n in answer.json()["notifications"]] == ids[2:4]
-    assert history(small, token, "news", since=ids[-1]).json() == {"notifications": []}
+    assert history(small, token, "news", since=ids[-1]).json() == {"notifications": [], "more": False}
 
 
 def test_limit_defaults_to_100_and_is_capped_at_1000(mint: Mint) -> None:
@@ -75,7 +75,6 @@ def test_limit_defaults_to_100_and_is_capped_at_1000(mint: Mint) -> None:
     [
         {"since": "abc"},
         {"since": "-1"},
-        {"since": "0"},
         {"limit": "0"},
         {"limit": "x"},
         {"limit": "-5"},

@@ -139,8 +139,10 @@ def test_a_frame_without_a_string_type_still_echoes_its_ref(raw: str) -> None:
 # -- since -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("1", 1), ("42", 42), ("18446744073709551615", 2**64 - 1)])
-def test_since_is_a_decimal_notification_id(raw: str, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0", 0), ("1", 1), ("42", 42), ("18446744073709551615", 2**64 - 1)]
+)
+def test_since_is_a_decimal_notification_id_or_0_for_everything_retained(raw: str, expected: int) -> None:
     assert parse_since(raw) == expected
 
 
@@ -149,7 +151,7 @@ def test_absent_since_means_no_recovery() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "abc", "-1", "+1", "1.5", "1e3", " 1", "1 ", "0x10", "١٢", "1" * 21, "0"]
+    "raw", ["", "abc", "-1", "-0", "+1", "+0", "1.5", "0.0", "1e3", " 1", "1 ", "0x10", "١٢", "1" * 21]
 )
 def test_malformed_since_is_rejected(raw: str) -> None:
     with pytest.raises(ValueError):

@@ -20,6 +20,8 @@ CONTRACT_DEFAULTS = {
     "host": "127.0.0.1",
     "port": 8000,
     "max_connections": 10000,
+    "max_connections_per_user": 100,
+    "max_topics_per_connection": 128,
     "max_message_bytes": 65536,
     "history_size": 1000,
     "send_queue_bytes": 1048576,
@@ -55,6 +57,8 @@ def test_no_secret_configured_is_reported_as_the_missing_variable() -> None:
         ("NOTIFIER_HOST", "0.0.0.0", "host", "0.0.0.0"),
         ("NOTIFIER_PORT", "9123", "port", 9123),
         ("NOTIFIER_MAX_CONNECTIONS", "5", "max_connections", 5),
+        ("NOTIFIER_MAX_CONNECTIONS_PER_USER", "1", "max_connections_per_user", 1),
+        ("NOTIFIER_MAX_TOPICS_PER_CONNECTION", "2", "max_topics_per_connection", 2),
         ("NOTIFIER_MAX_MESSAGE_BYTES", "4096", "max_message_bytes", 4096),
         ("NOTIFIER_HISTORY_SIZE", "0", "history_size", 0),
         ("NOTIFIER_SEND_QUEUE_BYTES", "2048", "send_queue_bytes", 2048),
@@ -71,14 +75,35 @@ def test_each_setting_is_read_from_its_notifier_variable(
     assert getattr(load_settings(), field) == expected
 
 
+SECRET_VALUE = "s3cret-value-of-at-least-32-bytes"
+
+
 def test_the_jwt_secret_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NOTIFIER_JWT_SECRET", "s3cret-value")
-    assert load_settings().secret == "s3cret-value"
+    monkeypatch.setenv("NOTIFIER_JWT_SECRET", SECRET_VALUE)
+    assert load_settings().secret == SECRET_VALUE
 
 
 def test_the_secret_does_not_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NOTIFIER_JWT_SECRET", "s3cret-value")
-    assert "s3cret-value" not in repr(load_settings())
+    monkeypatch.setenv("NOTIFIER_JWT_SECRET", SECRET_VALUE)
+    assert SECRET_VALUE not in repr(load_settings())
+
+
+@pytest.mark.parametrize("secret", ["x" * 32, "é" * 16, "🔑" * 8])
+def test_a_secret_of_32_bytes_is_enough(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    monkeypatch.setenv("NOTIFIER_JWT_SECRET", secret)
+    assert load_settings().secret == secret
+
+
+@pytest.mark.parametrize("secret", ["x" * 31, "é" * 15, "short"])
+def test_a_secret_under_32_bytes_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    monkeypatch.setenv("NOTIFIER_JWT_SECRET", secret)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("NOTIFIER_JWT_SECRET:") and "32 bytes" in message
+    assert secret not in message and "\n" not in message
 
 
 def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,10 +115,11 @@ def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_dotenv_file_in_the_working_directory_is_honoured(clean_environment: Path) -> None:
-    (clean_environment / ".env").write_text("NOTIFIER_PORT=9001\nNOTIFIER_JWT_SECRET=from-dotenv\n")
+    dotenv_secret = SECRET_VALUE + "-from-dotenv"
+    (clean_environment / ".env").write_text(f"NOTIFIER_PORT=9001\nNOTIFIER_JWT_SECRET={dotenv_secret}\n")
     settings = load_settings()
     assert settings.port == 9001
-    assert settings.secret == "from-dotenv"
+    assert settings.secret == dotenv_secret
 
 
 def test_the_environment_wins_over_dotenv(monkeypatch: pytest.MonkeyPatch, clean_environment: Path) -> None:
@@ -130,6 +156,11 @@ BAD_VALUES = [
     ("NOTIFIER_SHUTDOWN_TIMEOUT", "0"),
     ("NOTIFIER_SHUTDOWN_TIMEOUT", "soon"),
     ("NOTIFIER_JWT_SECRET", ""),
+    ("NOTIFIER_JWT_SECRET", "x" * 31),
+    ("NOTIFIER_MAX_CONNECTIONS_PER_USER", "0"),
+    ("NOTIFIER_MAX_CONNECTIONS_PER_USER", "some"),
+    ("NOTIFIER_MAX_TOPICS_PER_CONNECTION", "1"),
+    ("NOTIFIER_MAX_TOPICS_PER_CONNECTION", "0"),
 ]
 
 
@@ -165,7 +196,8 @@ def _serve(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.Comple
     base = {k: v for k, v in os.environ.items() if not k.upper().startswith("NOTIFIER_")}
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
     # A free port, so that a configuration wrongly taken as good serves harmlessly until the timeout.
-    defaults = {"NOTIFIER_JWT_SECRET": "serve-test-secret", "NOTIFIER_PORT": str(free_port())}
+    secret = "serve-test-secret-0123456789abcdef"  # 34 bytes: long enough
+    defaults = {"NOTIFIER_JWT_SECRET": secret, "NOTIFIER_PORT": str(free_port())}
     return subprocess.run(
         [sys.executable, "-m", "notifier", "serve", *args],
         env={**base, **defaults, **env},
@@ -184,6 +216,9 @@ def _serve(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.Comple
         ("NOTIFIER_BROKER_URL", "http://cache:6379"),
         ("NOTIFIER_BROKER_URL", "redis://localhost:notaport/0"),
         ("NOTIFIER_MAX_CONNECTIONS", "0"),
+        ("NOTIFIER_JWT_SECRET", "a-31-byte-secret-0123456789abcd"),
+        ("NOTIFIER_MAX_CONNECTIONS_PER_USER", "0"),
+        ("NOTIFIER_MAX_TOPICS_PER_CONNECTION", "1"),
     ],
 )
 def test_serve_with_bad_configuration_exits_with_one_line_and_no_traceback(

@@ -712,3 +712,19 @@ def test_subscribe_with_since_on_an_already_subscribed_topic_never_reports_a_par
         replayed = [f["id"] for f in frames]
         # Either the missed notification is replayed, or the reply admits that it was not.
         assert missed["id"] in replayed or reply["recovered"] is False, (reply, replayed)
+
+
+def test_a_recovery_many_times_the_send_queue_comes_whole_after_hello_paced_by_the_socket(mint: Mint) -> None:
+    """v1 closed such a socket with 1013 before ``hello``, every time: the whole replay was
+    queued at once. Now it is paged out of history as the socket drains."""
+    app = create_app(make_settings(send_queue_bytes=4096))
+    with app_client(app) as client:
+        token = mint(sub="alice")
+        first = post(client, token, "news", "x")
+        sent = [post(client, token, "news", "y" * 1000)["id"] for _ in range(60)]  # 60 KB > 4 KiB
+        with connect(client, token, topics="news", since=first["id"]) as (ws, hello):
+            assert hello["recovered"] is True
+            got = [recv(ws) for _ in sent]
+            live = post(client, token, "news", "live")
+            assert recv(ws) == {"type": "notification", **live, "data": "live"}
+    assert [f["id"] for f in got] == sent

@@ -88,7 +88,7 @@
       this.token = options.token || null;
       this.getToken = options.getToken || null;
       this.topics = new Set(topicList(options.topics));
-      this.lastId = options.since ? String(options.since) : null;
+      this.lastId = options.since != null ? String(options.since) : null;
       this.minDelay = options.minDelay ?? 500;
       this.maxDelay = options.maxDelay ?? 30000;
       this.pingInterval = options.pingInterval ?? 25000;
