@@ -117,16 +117,20 @@ class Cluster:
 
 
 def start_cluster(
-    tmp: Path, instances: int, env: dict[str, str] | None = None, ready: bool = True, *args: str
+    tmp: Path, instances: int, env: dict[str, str | None] | None = None, ready: bool = True, *args: str
 ) -> Cluster:
-    """``deploy/local-cluster --instances N ARGS`` on a free port; by default, once it printed ``ready:``."""
+    """``deploy/local-cluster --instances N ARGS`` on a free port; by default, once it printed ``ready:``.
+    ``env`` adds to its environment; a ``None`` value removes that variable."""
     stderr = open(tmp / "local-cluster.err", "w")  # closed by stop_cluster
+    environment: dict[str, str | None] = {
+        **os.environ, "NOTIFIER_JWT_SECRET": SECRET, "NOTIFIER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        **(env or {}),
+    }
     proc = subprocess.Popen(
         [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(free_port()),
          *args],
         cwd=ROOT,
-        env={**os.environ, "NOTIFIER_JWT_SECRET": SECRET, "NOTIFIER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-             **(env or {})},
+        env={name: value for name, value in environment.items() if value is not None},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -443,6 +447,55 @@ def test_local_cluster_stops_everything_when_an_instance_dies(tmp_path: Path) ->
     assert leftover_processes(cluster.pids) == []
 
 
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_local_cluster_without_a_secret_prints_a_dev_token_that_works(tmp_path: Path) -> None:
+    cluster = start_cluster(tmp_path, 1, env={"NOTIFIER_JWT_SECRET": None}, ready=False)
+    try:
+        # `dev token:` and `demo:` come before anything is started, so before `ready:`.
+        printed: dict[str, str] = {}
+        deadline = time.monotonic() + START_TIMEOUT
+        while "demo" not in printed:
+            try:
+                line = cluster.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no `dev token:` and `demo:` lines in {START_TIMEOUT}s; "
+                                   f"stderr:\n{cluster.errors()}") from None
+            assert line is not None, f"local-cluster exited before `ready:`:\n{cluster.errors()}"
+            cluster.parse(line)
+            assert not line.startswith("ready: "), f"`ready:` before the dev token and demo URL: {printed}"
+            for key in ("dev token", "demo"):
+                if line.startswith(key + ": "):
+                    printed[key] = line.removeprefix(key + ": ")
+        cluster.read_until_ready()
+        dev_token = printed["dev token"]
+        assert printed["demo"] == f"{cluster.url}/#token={dev_token}"
+        assert "NOTIFIER_JWT_SECRET is not set" in cluster.errors()
+
+        claims = jwt.decode(dev_token, options={"verify_signature": False})
+        assert isinstance(claims.get("exp"), int) and claims["exp"] > time.time() + 3600, claims
+        assert set(claims["scope"].split()) >= {"subscribe", "publish"}, claims
+
+        with cluster.explained():
+            # The instances accept it, through nginx: a publish, and a socket that gets its hello.
+            async with http() as client:
+                response = await client.post(
+                    cluster.url + "/v1/notifications",
+                    json={"topic": "news", "data": "with the dev token"},
+                    headers={"Authorization": f"Bearer {dev_token}"},
+                )
+            assert response.status_code == 202, response.text
+            ws_url = cluster.url.replace("http://", "ws://", 1) + f"/v1/ws?token={dev_token}"
+            async with asyncio.timeout(10), connect(ws_url, proxy=None, open_timeout=10) as ws:
+                hello = json.loads(await ws.recv())
+            assert hello["type"] == "hello" and hello["user"] == claims["sub"], hello
+    finally:
+        status = stop_cluster(cluster)
+    assert status == 0, cluster.errors()
+    assert leftover_processes(cluster.pids) == []
+
+
 def test_local_cluster_says_what_to_install() -> None:
     result = subprocess.run(
         [sys.executable, str(LOCAL_CLUSTER), "--port", str(free_port()), "--nginx", "/nonexistent/nginx"],
@@ -500,6 +553,9 @@ def test_compose_publishes_ports_only_for_nginx_prometheus_and_grafana() -> None
     upstreams = services["nginx"]["environment"]["NOTIFIER_UPSTREAMS"]
     assert re.findall(r"server (\S+);", upstreams) == [f"{name}:8000" for name in instances]
     assert "healthcheck" in services["redis"]
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert redis_command[redis_command.index("--maxmemory") + 1].endswith("mb")
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile and "USER notifier" in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
@@ -534,5 +590,21 @@ def test_grafana_dashboard_shows_the_contract_metrics() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(notifier_delivery_latency_seconds_bucket",
         "sum by (reason) (rate(notifier_notifications_dropped_total",
         "notifier_broker_connected",
+        "sum by (outcome) (rate(notifier_handshakes_total",
+        "notifier_broker_resubscribes_total",
     ):
         assert needed in exprs, needed
+
+    # Grafana keys panels by id, and draws overlapping panels over each other.
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    boxes = {f"{panel['id']} {panel['title']}": panel["gridPos"] for panel in dashboard["panels"]}
+    for name, box in boxes.items():
+        assert box["x"] >= 0 and box["x"] + box["w"] <= 24, name
+    names = sorted(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            first, second = boxes[a], boxes[b]
+            apart = (first["x"] + first["w"] <= second["x"] or second["x"] + second["w"] <= first["x"]
+                     or first["y"] + first["h"] <= second["y"] or second["y"] + second["h"] <= first["y"])
+            assert apart, f"panels {a!r} and {b!r} overlap"
