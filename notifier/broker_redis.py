@@ -29,11 +29,11 @@ from notifier.redis_history import (
     EPOCH_KEY,
     HISTORY_PREFIX,
     IDEMPOTENCY_PREFIX,
-    META_PREFIX,
     PROBE_PREFIX,
     PUBLISH_LUA,
     SEQ_KEY,
     SESSION_LUA,
+    TRIMMED_PREFIX,
     HistoryReader,
 )
 
@@ -140,7 +140,7 @@ class RedisBroker:
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
     ) -> Accepted:
-        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, META_PREFIX + topic]
+        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
         if idempotency_key is not None:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
         tail = notification_tail(topic, data_json, ts)

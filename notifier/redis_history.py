@@ -1,7 +1,7 @@
 """The Redis broker's data: key names, the publish script, and reading history back.
 
-Each topic has a history stream (the last N notifications) and a bookkeeping hash (the first
-id of that history, the highest id trimmed away), both expiring with the topic. Reads come in
+Each topic has a history stream (the last N notifications) and a trim mark (the highest id
+trimmed away), both expiring with the topic. Reads come in
 chunks, so a node never holds much more than the bytes it was asked for.
 """
 
@@ -21,10 +21,10 @@ EPOCH_KEY = PREFIX + "epoch"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 CHANNEL_PREFIX = PREFIX + "topic:"
 HISTORY_PREFIX = PREFIX + "history:"
-META_PREFIX = PREFIX + "meta:"
+TRIMMED_PREFIX = PREFIX + "trimmed:"
 PROBE_PREFIX = PREFIX + "probe:"
 
-# KEYS: id counter, epoch, topic channel, topic history stream, topic bookkeeping hash,
+# KEYS: id counter, epoch, topic channel, topic history stream, topic trim mark,
 #       [idempotency key]
 # ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,
 #       deadline in Redis's clock (unix ms), history ttl (seconds, 0: none)
@@ -35,8 +35,8 @@ PROBE_PREFIX = PREFIX + "probe:"
 # microseconds, or one above the last id when that is not higher (notifier.broker.next_id): ids
 # keep increasing when the counter is lost. The epoch is the first id of this Redis's data (a
 # recovery from before it has lost something). The history stream keeps exactly the last N
-# entries (stream id "<id>-0"); the bookkeeping hash holds the first id of the current history
-# ("origin") and the highest id trimmed away ("trimmed"). Both expire with the topic.
+# entries (stream id "<id>-0"); the trim mark is the highest id trimmed away. Both expire with
+# the topic; the stream's own count of entries ever added (XINFO) tells whether it was trimmed.
 PUBLISH_LUA = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
@@ -46,27 +46,23 @@ if #KEYS == 6 then
   local previous = redis.call('GET', KEYS[6])
   if previous then return {previous, 1} end
 end
+local last = redis.call('GET', KEYS[1])
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-local id = string.format('%.0f', math.max(last + 1, clock))
+local id = string.format('%.0f', math.max(tonumber(last or '0') + 1, clock))
 redis.call('SET', KEYS[1], id)
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], id) end
+if not last then redis.call('SET', KEYS[2], id, 'NX') end
 local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
 local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
 local size = tonumber(ARGV[5])
 if size > 0 then
-  redis.call('HSETNX', KEYS[5], 'origin', id)
+  local ttl = tonumber(ARGV[7])
   local excess = redis.call('XLEN', KEYS[4]) + 1 - size
   if excess > 0 then
-    local gone = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', excess)
-    redis.call('HSET', KEYS[5], 'trimmed', string.match(gone[#gone][1], '^(%d+)'))
+    local gone = string.match(redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', excess)[excess][1], '^(%d+)')
+    if ttl > 0 then redis.call('SET', KEYS[5], gone, 'EX', ttl) else redis.call('SET', KEYS[5], gone) end
   end
   redis.call('XADD', KEYS[4], 'MAXLEN', size, id .. '-0', 'n', envelope)
-  local ttl = tonumber(ARGV[7])
-  if ttl > 0 then
-    redis.call('EXPIRE', KEYS[4], ttl)
-    redis.call('EXPIRE', KEYS[5], ttl)
-  end
+  if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
 redis.call('PUBLISH', KEYS[3], envelope)
 local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
@@ -93,6 +89,13 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _raise_first_error(replies: Sequence[Any]) -> None:
+    """Raise the first error among pipeline replies (XINFO of a missing stream is expected)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
 def _now_us(time_reply: Sequence[int]) -> int:
     seconds, micros = time_reply
     return int(seconds) * 1_000_000 + int(micros)
@@ -104,13 +107,20 @@ class HistoryReader:
     def __init__(self, redis: Redis, size: int, ttl: int) -> None:
         self.redis, self.size, self.ttl = redis, size, ttl
 
-    def book(self, epoch: Any, meta: Sequence[Any], now: int) -> Bookkeeping:
-        origin, trimmed = meta
-        return Bookkeeping(_int(epoch), _int(origin), _int(trimmed), now, self.ttl, self.size)
+    def book(self, epoch: Any, info: Any, trimmed: Any, now: int) -> Bookkeeping:
+        """Bookkeeping from the epoch, the stream's XINFO (an error when it does not exist) and
+        its trim mark. A stream that was trimmed but lost its mark (it expired on its own, say
+        after NOTIFIER_HISTORY_SIZE grew) counts as trimmed up to just before its first entry."""
+        origin, mark = None, _int(trimmed)
+        if isinstance(info, dict):
+            origin = int(info["recorded-first-entry-id"].split(b"-")[0])
+            if mark is None and info["entries-added"] > info["length"]:
+                mark = origin - 1
+        return Bookkeeping(_int(epoch), origin, mark, now, self.ttl, self.size)
 
     async def read(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
         """The first ``limit`` after ``since`` (or the last ``limit``), within ``max_bytes``."""
-        key, meta = HISTORY_PREFIX + topic, META_PREFIX + topic
+        key, mark = HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic
         found: list[Notification] = []
         total, more, whole = 0, False, True
         cursor: bytes | None = None
@@ -124,17 +134,19 @@ class HistoryReader:
                     pipe.xrevrange(key, b"(" + cursor if cursor else "+", "-", count=want)
                 else:
                     pipe.xrange(key, b"(" + cursor if cursor else f"({since}-0", "+", count=want)
-                pipe.hmget(meta, "origin", "trimmed")
+                pipe.get(mark)
                 if cursor is None:
                     pipe.get(EPOCH_KEY)
                     pipe.time()
-                replies = await pipe.execute()
+                    pipe.xinfo_stream(key)
+                replies = await pipe.execute(raise_on_error=False)
+            _raise_first_error(replies[:-1] if cursor is None else replies)
             entries = replies[0]
             if cursor is None:
-                book = self.book(replies[2], replies[1], _now_us(replies[3]))
+                book = self.book(replies[2], replies[4], replies[1], _now_us(replies[3]))
                 whole = book.size > 0 if since is None else complete(since, book)
             elif since is not None and found:
-                trimmed = _int(replies[1][1])
+                trimmed = _int(replies[1])
                 whole = whole and (trimmed is None or trimmed <= found[-1].id)
             for stream_id, fields in entries:
                 n = Notification.from_envelope(topic, fields[b"n"])
@@ -160,13 +172,15 @@ class HistoryReader:
             pipe.time()
             for topic, since in positions.items():
                 pipe.xrange(HISTORY_PREFIX + topic, f"({since}-0", "+", count=most + 1)
-                pipe.hmget(META_PREFIX + topic, "origin", "trimmed")
-            replies = await pipe.execute()
+                pipe.get(TRIMMED_PREFIX + topic)
+                pipe.xinfo_stream(HISTORY_PREFIX + topic)
+            replies = await pipe.execute(raise_on_error=False)
+        _raise_first_error([r for i, r in enumerate(replies) if i < 2 or (i - 2) % 3 != 2])
         epoch, now = replies[0], _now_us(replies[1])
         answer: dict[str, list[Notification] | None] = {}
         for index, (topic, since) in enumerate(positions.items()):
-            entries, meta = replies[2 + 2 * index], replies[3 + 2 * index]
-            if len(entries) > most or not complete(since, self.book(epoch, meta, now)):
+            entries, trimmed, info = replies[2 + 3 * index : 5 + 3 * index]
+            if len(entries) > most or not complete(since, self.book(epoch, info, trimmed, now)):
                 answer[topic] = None
             else:
                 answer[topic] = [Notification.from_envelope(topic, f[b"n"]) for _i, f in entries]

@@ -55,6 +55,23 @@ def env_for(redis: RedisServer, **extra: str) -> dict[str, str]:
 
 
 @asynccontextmanager
+async def deployment(
+    count: int = 1, **env: str
+) -> AsyncIterator[tuple[RedisServer, list[Instance], httpx.AsyncClient, Redis]]:
+    """A real redis-server and ``count`` instances on it (with ``env``), an HTTP client, and a
+    Redis client for injecting faults; everything stopped on the way out."""
+    redis = RedisServer()
+    instances = [Instance(env_for(redis, **env)) for _ in range(count)]
+    async with (
+        redis_running(redis),
+        running(*instances),
+        httpx.AsyncClient(timeout=60, trust_env=False) as http,
+        Redis(port=redis.port) as admin,
+    ):
+        yield redis, instances, http, admin
+
+
+@asynccontextmanager
 async def peak_rss(instance: Instance) -> AsyncIterator[dict[str, int]]:
     """Samples the instance's RSS every 20 ms while the block runs: ``before`` and ``peak``."""
     assert instance.proc is not None
@@ -120,15 +137,9 @@ async def test_recovery_of_more_than_the_send_queue_gets_hello_at_once_then_ever
     ``recovered: true`` first, then exactly the 150 ids in order; nothing dropped as a slow
     consumer; the instance's RSS grows by less than 64 MiB through it all.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis))
     topic = fresh("replay")
     token = mint_token("replayer")
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-    ):
+    async with deployment() as (_redis, [instance], http, _admin):
         first = int((await post(http, instance.url, token, topic, "x"))["id"])
         sent = await publish_many(http, instance.url, token, topic, [{"pad": "y" * 8000}] * 150)
 
@@ -160,17 +171,11 @@ async def test_history_answers_hold_at_most_4_mib_and_parallel_reads_stay_bounde
     4 MiB of frames and ``"more": true``; without ``since`` the newest that fit (ending with
     the last id), with ``since`` the oldest after it; the instance's RSS grows less than 128 MiB.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis))
     topic = fresh("big")
     token = mint_token("reader")
     headers = {"authorization": f"Bearer {token}"}
-    url = f"{instance.url}/v1/topics/{topic}/notifications"
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=60, trust_env=False) as http,
-    ):
+    async with deployment() as (_redis, [instance], http, _admin):
+        url = f"{instance.url}/v1/topics/{topic}/notifications"
         sent = await publish_many(http, instance.url, token, topic, [{"pad": "z" * 60000}] * 1000, 16)
         async with peak_rss(instance) as rss:
             answers = await asyncio.gather(
@@ -200,21 +205,15 @@ async def test_redis_forgets_topics_after_the_history_ttl_and_ids_and_recovery_s
     Sent: one notification to each of 2,000 distinct topics, and 50 of 60 KB to one of them.
 
     Arrived (v1: every stream kept forever, 3 MB -> 211 MB for 50,000 topics): each topic's
-    two keys carry the TTL; within 30 s none of them is left (only the id counter, the epoch
-    and idempotency keys remain) and its used memory is back within 1 MiB of where it started.
+    history carries the TTL; within 30 s no topic key is left (only the id counter, the epoch
+    and idempotency keys remain), and within 30 s more its used memory is back within 1 MiB of
+    where it started.
     A topic published again after that gets a higher id; a recovery from before the expiry says
     ``recovered: false``, whether or not something was published since.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis, NOTIFIER_HISTORY_TTL="2"))
     token = mint_token("ttl")
     topics = [fresh("ttl") for _ in range(2000)]
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-        Redis(port=redis.port) as admin,
-    ):
+    async with deployment(NOTIFIER_HISTORY_TTL="2") as (_redis, [instance], http, admin):
         await post(http, instance.url, token, fresh("warmup"), 0)
         start_memory = (await admin.info("memory"))["used_memory"]
         for chunk in range(0, len(topics), 32):
@@ -222,15 +221,23 @@ async def test_redis_forgets_topics_after_the_history_ttl_and_ids_and_recovery_s
         first = int(
             (await publish_many(http, instance.url, token, topics[0], [{"pad": "w" * 60000}] * 50))[-1]
         )
-        # Every topic's history and bookkeeping carry the TTL (Redis forgets them by itself).
+        # Every topic's history carries the TTL (Redis forgets it by itself).
         last = topics[-1]
-        ttls = [await admin.pttl(f"notifier:{kind}:{last}") for kind in ("history", "meta")]
+        ttls = [await admin.pttl(f"notifier:history:{topic}") for topic in (last, topics[0])]
 
         async def forgotten() -> bool:
             return await admin.dbsize() <= 3
 
         took = await eventually(forgotten, "the topics' keys to expire", 30)
-        end_memory = (await admin.info("memory"))["used_memory"]
+        memory = {"end": 0}
+
+        async def memory_back() -> bool:
+            # Client buffers (60 KB requests) shrink on Redis's own schedule: wait for them too.
+            memory["end"] = (await admin.info("memory"))["used_memory"]
+            return bool(memory["end"] - start_memory < MiB)
+
+        freed = await eventually(memory_back, "used_memory back within 1 MiB of the start", 30)
+        end_memory = memory["end"]
         async with ws_connect(ws_url(instance.url, token, [topics[0]], since=first)) as ws:
             nothing_since = await hello(ws)
         again = int((await post(http, instance.url, token, topics[0], 2))["id"])
@@ -239,10 +246,9 @@ async def test_redis_forgets_topics_after_the_history_ttl_and_ids_and_recovery_s
             replayed = await read_notifications(ws, topics[0], 1)
     print(
         f"\n[ttl] 2,000 topics, keys gone in {took:.1f} s after the last publish; used_memory "
-        f"{start_memory / MiB:.2f} -> {end_memory / MiB:.2f} MiB"
+        f"{start_memory / MiB:.2f} -> {end_memory / MiB:.2f} MiB ({freed:.1f} s later)"
     )
     assert all(0 < ttl <= 2000 for ttl in ttls), ttls
-    assert end_memory - start_memory < MiB
     assert again > first
     assert nothing_since["recovered"] is False
     assert published_since["recovered"] is False and replayed == [again]
@@ -288,16 +294,9 @@ async def test_pubsub_link_killed_while_posting_every_5_ms_no_notification_is_si
     with ``since`` that says ``recovered: true``. The instance counts each rebuild in
     ``notifier_broker_resubscribes_total``.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis))
     topic = fresh("kill")
     token = mint_token("follower", ("subscribe",))
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-        Redis(port=redis.port) as admin,
-    ):
+    async with deployment() as (_redis, [instance], http, admin):
         follower = Follower(instance, token, topic)
         reader = asyncio.create_task(follower.run(), name="follower")
         try:
@@ -336,16 +335,9 @@ async def test_instance_cut_by_the_pubsub_output_buffer_limit_closes_with_1012_t
     socket on it, which missed more than can be filled in, is closed with 1012; reconnecting
     with ``since`` says ``recovered: true`` and the subscriber ends with all 170 ids, in order.
     """
-    redis = RedisServer()
-    a, b = Instance(env_for(redis)), Instance(env_for(redis))
     topic = fresh("cut")
     token = mint_token("cut-follower")
-    async with (
-        redis_running(redis),
-        running(a, b),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-        Redis(port=redis.port) as admin,
-    ):
+    async with deployment(2) as (_redis, [a, b], http, admin):
         await admin.config_set("client-output-buffer-limit", "pubsub 262144 131072 1")
         follower = Follower(b, token, topic)
         reader = asyncio.create_task(follower.run(), name="follower")
@@ -388,19 +380,12 @@ async def test_recovery_after_flushall_or_a_restart_without_persistence_says_not
     have missed something Redis lost) is closed with 1012, and its reconnect with ``since``
     says ``recovered: false``.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis))
     topic = fresh("wipe")
     token = mint_token("wiped")
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-    ):
+    async with deployment() as (redis, [instance], http, admin):
         last = int((await post(http, instance.url, token, topic, 0))["id"])
         before = await publish_many(http, instance.url, token, topic, [1, 2, 3])
-        async with Redis(port=redis.port) as admin:
-            await admin.flushall()
+        await admin.flushall()
         async with ws_connect(ws_url(instance.url, token, [topic], since=last)) as ws:
             after_flush = await hello(ws)
         newer = int((await post(http, instance.url, token, topic, 4))["id"])
@@ -433,16 +418,9 @@ async def test_a_full_redis_with_noeviction_refuses_publishes_and_keeps_recovery
     the history ends with the last 202); the recovery says ``recovered: true`` and replays
     every accepted id, in order: a full Redis never drops history silently.
     """
-    redis = RedisServer()
-    instance = Instance(env_for(redis))
     topic = fresh("full")
     token = mint_token("filler")
-    async with (
-        redis_running(redis),
-        running(instance),
-        httpx.AsyncClient(timeout=20, trust_env=False) as http,
-        Redis(port=redis.port) as admin,
-    ):
+    async with deployment() as (redis, [instance], http, admin):
         first = int((await post(http, instance.url, token, topic, 0))["id"])
         used = (await admin.info("memory"))["used_memory"]
         await admin.config_set("maxmemory-policy", "noeviction")

@@ -14,21 +14,21 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, ExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import jwt
 import orjson
 import pytest
 from conftest import SECRET, Mint, make_settings, mint_token
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from starlette.testclient import WebSocketDenialResponse, WebSocketTestSession
 from support import ROOT, Instance, next_frame, recv, wait_until
+from test_ws import app_client, ws_url
+from test_ws import connect as connect_ws
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -43,28 +43,6 @@ DEADLINE = 10.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def ws_url(token: str | None = None, **query: str) -> str:
-    params = {"token": token, **query} if token is not None else dict(query)
-    return "/v1/ws?" + urlencode(params) if params else "/v1/ws"
-
-
-@contextmanager
-def app_client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@contextmanager
-def connect_ws(
-    client: TestClient, token: str | None, **query: str
-) -> Iterator[tuple[WebSocketTestSession, Frame]]:
-    """An open socket and its ``hello``."""
-    with client.websocket_connect(ws_url(token, **query)) as ws:
-        hello = recv(ws)
-        assert hello["type"] == "hello", hello
-        yield ws, hello
 
 
 def refusal(client: TestClient, url: str) -> WebSocketDenialResponse:
