@@ -109,7 +109,10 @@ class Client:
         headers = {"content-type": "application/json"}
         if idempotency_key is not None:
             headers["idempotency-key"] = idempotency_key
-        body = orjson.dumps({"topic": topic, "data": data})
+        try:
+            body = orjson.dumps({"topic": topic, "data": data})
+        except orjson.JSONEncodeError as exc:  # too deeply nested, or not JSON at all
+            raise ClientError(f"data cannot be sent as JSON: {exc}") from None
         response = await self._request("POST", "/v1/notifications", content=body, headers=headers)
         if response.status_code != 202:
             raise ClientError(_describe(response), response.status_code)

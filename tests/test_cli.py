@@ -393,6 +393,14 @@ def test_publish_with_invalid_json_data_fails_with_one_line(
     assert_one_line_error(result)
 
 
+def test_publish_with_data_too_deep_to_encode_fails_with_one_line(
+    server: Instance, publisher: str, tmp_path: Path
+) -> None:
+    deep = "[" * 1000 + "]" * 1000  # valid JSON that orjson reads but cannot write back
+    result = notifier("publish", "news", deep, "--url", server.url, "--token", publisher, cwd=tmp_path)
+    assert "cannot be sent as JSON" in assert_one_line_error(result)
+
+
 # -- subscribe ----------------------------------------------------------------------------------
 
 
