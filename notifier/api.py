@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Security
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from notifier.auth import Principal, bearer
+from notifier.auth import ADMIN, REVOKED, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, Forbidden
 from notifier.protocol import Accepted, BadFrame, encode_data, parse_since, positive_int, valid_topic
 from notifier.services import Services
@@ -25,6 +27,104 @@ MAX_IDEMPOTENCY_KEY = 256
 MAX_HISTORY_LIMIT = 1000
 MAX_HISTORY_BYTES = 4 << 20  # frames in one history answer; beyond, it is cut short with "more"
 
+# -- the OpenAPI description of the routes (what /docs and /openapi.json show) -------------------
+
+TOPIC_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+_EXAMPLE_ID = "1764460800123456"
+_EXAMPLE_TS = 1764460800123
+_ID_MEANING = (
+    "The notification's id: a string of decimal digits. Ids of one topic increase strictly in "
+    "publish order; compare them as integers, never as strings."
+)
+
+# Declares the bearer token for the schema (the Authorize button of /docs). Routes check the token
+# themselves (``authenticate``), so this never refuses anything on its own.
+_BEARER = Security(
+    HTTPBearer(
+        auto_error=False,
+        scheme_name="bearer",
+        bearerFormat="JWT",
+        description="A JWT with `sub`, `exp` and a `scope` of `publish` and/or `subscribe`.",
+    )
+)
+
+
+class PublishAnswer(BaseModel):
+    """The notification as accepted: it is on its way to every subscriber of its topic."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"id": _EXAMPLE_ID, "topic": "news", "ts": _EXAMPLE_TS}]}
+    )
+    id: str = Field(description=_ID_MEANING)
+    topic: str
+    ts: int = Field(description="Acceptance time, unix milliseconds.")
+
+
+class NotificationFrame(BaseModel):
+    """One notification, exactly as a WebSocket subscriber receives it."""
+
+    type: Literal["notification"]
+    id: str = Field(description=_ID_MEANING)
+    topic: str
+    data: Any = Field(description="The published data: any JSON value, null included.")
+    ts: int = Field(description="Acceptance time, unix milliseconds.")
+
+
+class HistoryAnswer(BaseModel):
+    """Retained notifications of one topic."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "notifications": [
+                        {
+                            "type": "notification",
+                            "id": _EXAMPLE_ID,
+                            "topic": "news",
+                            "data": {"title": "hello"},
+                            "ts": _EXAMPLE_TS,
+                        }
+                    ],
+                    "more": False,
+                }
+            ]
+        }
+    )
+    notifications: list[NotificationFrame] = Field(description="Oldest first.")
+    more: bool = Field(
+        description="True when the answer was cut short at 4 MiB of frames: with `since`, ask again "
+        "with `since` set to the last id received; without it, older ones exist."
+    )
+
+
+class ErrorAnswer(BaseModel):
+    """Every error answer of the HTTP API."""
+
+    detail: str = Field(description="What is wrong, in one sentence.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    broker_connected: bool = Field(description="The broker is connected and this instance subscribed.")
+    draining: bool = Field(description="The instance is shutting down (SIGTERM): it takes no new sockets.")
+
+
+def _error(description: str, example: str) -> dict[str, Any]:
+    return {
+        "model": ErrorAnswer,
+        "description": description,
+        "content": {"application/json": {"example": {"detail": example}}},
+    }
+
+
+_UNAUTHORIZED = _error("No token, or an invalid or expired one.", "token expired") | {
+    "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+}
+
 _PUBLISH_BODY = {
     "required": True,
     "content": {
@@ -33,14 +133,63 @@ _PUBLISH_BODY = {
                 "type": "object",
                 "required": ["topic", "data"],
                 "properties": {
-                    "topic": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"},
-                    "data": {"description": "any JSON value, null allowed"},
+                    "topic": {
+                        "type": "string",
+                        "pattern": TOPIC_PATTERN,
+                        "description": "The topic to publish to (letters, digits, `_ . : -`; 1 to 128).",
+                    },
+                    "data": {"description": "Any JSON value, null allowed: delivered as is."},
                 },
             },
-            "example": {"topic": "news", "data": {"title": "hello"}},
+            "examples": {
+                "object": {
+                    "summary": "a notification to a topic",
+                    "value": {"topic": "news", "data": {"title": "hello"}},
+                },
+                "personal": {
+                    "summary": "to every connection of user alice",
+                    "value": {"topic": "user:alice", "data": {"text": "your export is ready"}},
+                },
+            },
         }
     },
 }
+
+_PUBLISH_PARAMETERS = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "1 to 256 characters. Repeated by the same user (`sub`) within 5 minutes, "
+        "through any instance, it gets the first answer again (same id) and publishes nothing twice: "
+        "retry a POST with the same key.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+    }
+]
+
+# ``since`` and ``limit`` are read as text and checked by hand, so that a malformed value gets the
+# API's usual 422 ``{"detail": "..."}``; the schema says what they really are.
+_HISTORY_PARAMETERS = [
+    {
+        "name": "since",
+        "in": "query",
+        "required": False,
+        "description": "A notification id (decimal digits; `0`: everything retained). The answer "
+        "holds the first `limit` retained notifications with an id greater than it. Without it: "
+        "the last `limit` retained.",
+        "schema": {
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]{1,20}$"}]
+        },
+        "example": _EXAMPLE_ID,
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"At most this many notifications (larger values count as {MAX_HISTORY_LIMIT}).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_LIMIT, "default": 100},
+    },
+]
 
 
 def _services(request: Request) -> Services:
@@ -48,12 +197,15 @@ def _services(request: Request) -> Services:
     return services
 
 
-def authenticate(services: Services, authorization: str | None) -> Principal:
+async def authenticate(services: Services, authorization: str | None) -> Principal:
     """The principal of a bearer token header; 401 with ``WWW-Authenticate`` otherwise."""
     try:
-        return services.authority.verify(bearer(authorization))
+        principal = await services.authority.authenticate(bearer(authorization))
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    if services.node.rejected(principal):
+        raise HTTPException(401, REVOKED, headers={"WWW-Authenticate": "Bearer"})
+    return principal
 
 
 async def _receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
@@ -100,7 +252,7 @@ async def _publish(services: Services, scope: Scope, receive: Receive) -> Accept
             key = value.decode("latin-1")
         elif name == b"content-length":
             length = value.decode("latin-1")
-    principal = authenticate(services, authorization)
+    principal = await authenticate(services, authorization)
     if "publish" not in principal.scopes:
         raise HTTPException(403, "token lacks the 'publish' scope")
     if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY):
@@ -146,40 +298,133 @@ async def publish_endpoint(services: Services, scope: Scope, receive: Receive, s
 @router.post(
     PUBLISH_PATH,
     status_code=202,
-    openapi_extra={"requestBody": _PUBLISH_BODY},
+    response_model=PublishAnswer,
+    response_description="Accepted: on its way to every subscriber of the topic, on every instance.",
+    dependencies=[_BEARER],
+    openapi_extra={"requestBody": _PUBLISH_BODY, "parameters": _PUBLISH_PARAMETERS},
     responses={
-        401: {"description": "no, invalid or expired token"},
-        403: {"description": "scope or topic not allowed"},
-        413: {"description": "body over NOTIFIER_MAX_MESSAGE_BYTES"},
-        422: {"description": "invalid JSON, missing topic or data, bad topic name"},
-        503: {"description": "broker unavailable; nothing accepted"},
+        401: _UNAUTHORIZED,
+        403: _error(
+            "The token lacks the `publish` scope, or its `topics` claim does not match the topic.",
+            "not allowed to publish to 'news'",
+        ),
+        413: _error(
+            "The body is over `NOTIFIER_MAX_MESSAGE_BYTES` (65536 by default).", "body over 65536 bytes"
+        ),
+        422: _error(
+            "Invalid JSON, not an object, `topic` or `data` missing, a bad topic name, an "
+            "`Idempotency-Key` over 256 characters, or `data` nested too deeply (about 250 levels).",
+            "'topic' and 'data' are required ('data' may be null)",
+        ),
+        503: _error(
+            "The broker is unavailable (answered within about 3 s). Nothing was accepted: retry.",
+            "broker unavailable, nothing accepted: redis connection lost",
+        ),
     },
-    summary="Publish a notification to every subscriber of a topic, on every instance",
+    summary="Publish a notification",
+    description="Publishes `data` to `topic`: every connection subscribed to the topic, on every "
+    "instance, receives it as a `notification` frame, and it is kept in the topic's history for "
+    "recovery. Needs a token with the `publish` scope whose `topics` claim (if any) matches the "
+    "topic. Publishing to `user:<sub>` reaches every connection of that user; to `broadcast`, "
+    "every connection.",
 )
 async def publish(request: Request) -> Response:
-    """Declares the route for the OpenAPI schema; ``NotifierApp`` serves it by ``publish_endpoint``."""
+    # Declared here for the OpenAPI schema; NotifierApp serves POSTs by publish_endpoint.
     status, body, headers = await publish_answer(_services(request), request.scope, request.receive)
     answer = Response(body, status, media_type="application/json")
     answer.raw_headers.extend(headers)
     return answer
 
 
+class Disconnect(BaseModel):
+    """The optional body of ``POST /v1/users/{sub}/disconnect``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reject_tokens_issued_before: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description="Unix seconds: for 24 h, every instance refuses this user's tokens issued "
+        "before it (or without `iat`): handshakes get 403, requests 401.",
+        examples=[1767225600],
+    )
+
+
+@router.post(
+    "/v1/users/{sub}/disconnect",
+    status_code=202,
+    dependencies=[_BEARER],
+    responses={
+        401: _UNAUTHORIZED,
+        403: _error("The token lacks the `admin` scope.", "token lacks the 'admin' scope"),
+        422: _error("The body is not a JSON object as described.", "reject_tokens_issued_before: ..."),
+        503: _error("The broker is unavailable: nothing was done.", "broker unavailable: ..."),
+    },
+    summary="Disconnect a user everywhere",
+    description="Within 2 s, every connection of user `sub` on every instance is closed with "
+    "WebSocket close code 4403 (do not reconnect with the same token). With "
+    "`reject_tokens_issued_before`, that user's older tokens are refused for 24 h, cluster-wide. "
+    "Needs the `admin` scope.",
+)
+async def disconnect_user(
+    request: Request,
+    sub: Annotated[str, Path(description="The user id: the `sub` of that user's tokens.", max_length=256)],
+) -> JSONResponse:
+    services = _services(request)
+    principal = await authenticate(services, request.headers.get("authorization"))
+    if ADMIN not in principal.scopes:
+        raise HTTPException(403, "token lacks the 'admin' scope")
+    raw = await _receive_body(request.receive, request.headers.get("content-length"), 1024)
+    try:
+        body = Disconnect.model_validate_json(raw if raw.strip() else b"{}")
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        raise HTTPException(422, f"{where}: {error['msg']}") from None
+    try:
+        await services.node.disconnect_user(sub, body.reject_tokens_issued_before)
+    except BrokerUnavailable as exc:
+        raise HTTPException(503, f"broker unavailable, nothing done: {exc}") from None
+    return JSONResponse({}, status_code=202)
+
+
 @router.get(
     "/v1/topics/{topic}/notifications",
+    response_model=HistoryAnswer,
+    response_description="The retained notifications asked for, oldest first.",
+    dependencies=[_BEARER],
+    openapi_extra={"parameters": _HISTORY_PARAMETERS},
     responses={
-        401: {"description": "no, invalid or expired token"},
-        403: {"description": "no subscribe scope, or topic not allowed"},
-        422: {"description": "bad topic name, malformed since or limit"},
-        503: {"description": "broker unavailable"},
+        401: _UNAUTHORIZED,
+        403: _error(
+            "The token lacks the `subscribe` scope or may not subscribe to the topic.",
+            "not allowed to subscribe to 'user:bob'",
+        ),
+        422: _error(
+            "A bad topic name, `since` not a non-negative integer, or `limit` not a positive one.",
+            "since must be a non-negative integer, limit a positive one: not a positive integer: 'x'",
+        ),
+        503: _error("The broker is unavailable.", "broker unavailable: redis connection lost"),
     },
-    summary="Retained notifications of a topic, oldest first",
+    summary="Read a topic's history",
+    description="The notifications the deployment still retains for a topic (the last "
+    "`NOTIFIER_HISTORY_SIZE`, published within `NOTIFIER_HISTORY_TTL`), oldest first, as the "
+    "frames a subscriber receives. With `since`: the first `limit` after that id; without: the "
+    "last `limit`. One answer holds at most 4 MiB of frames (`more` says when it was cut short). "
+    "Needs the `subscribe` scope and a topic the token may subscribe to.",
 )
 async def topic_history(
-    request: Request, topic: str, since: str | None = None, limit: str = "100"
+    request: Request,
+    topic: Annotated[
+        str,
+        Path(description="The topic's name.", json_schema_extra={"pattern": TOPIC_PATTERN}),
+    ],
+    since: Annotated[str | None, Query(include_in_schema=False)] = None,
+    limit: Annotated[str, Query(include_in_schema=False)] = "100",
 ) -> Response:
-    """The first ``limit`` retained with id > ``since``; without ``since``, the last ``limit`` retained."""
     services = _services(request)
-    principal = authenticate(services, request.headers.get("authorization"))
+    principal = await authenticate(services, request.headers.get("authorization"))
     if not valid_topic(topic):
         raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
     try:
@@ -208,19 +453,45 @@ async def topic_history(
     return Response(body, media_type="application/json")
 
 
-@router.get("/healthz", summary="200 while the process serves")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Liveness",
+    description="200 as long as the process serves requests (also while draining or without a broker).",
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 when the broker is connected and the instance is not draining")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_description="Ready: the broker is connected and the instance is not draining.",
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Not ready: the broker is unreachable, or the instance is draining.",
+            "content": {"application/json": {"example": {"broker_connected": False, "draining": False}}},
+        }
+    },
+    summary="Readiness",
+    description="Whether this instance should get traffic: 200 when its broker is connected and "
+    "subscribed and it is not draining, else 503 (a load balancer takes it out of rotation).",
+)
 async def readyz(request: Request) -> JSONResponse:
     node = _services(request).node
     body: dict[str, Any] = {"broker_connected": node.broker.connected, "draining": node.draining}
     return JSONResponse(body, status_code=200 if node.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics of this instance", include_in_schema=True)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text exposition format."}},
+    summary="Prometheus metrics",
+    description="The metrics of this instance only (scrape every instance): connections, "
+    "notifications published, delivered and dropped, delivery latency, broker state, handshakes.",
+)
 async def metrics(request: Request) -> Response:
     m = _services(request).metrics
     return Response(m.render(), media_type=m.content_type)

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -14,6 +16,7 @@ from starlette.websockets import WebSocket
 from notifier import __version__, api, ws
 from notifier.auth import TokenAuthority
 from notifier.broker import Broker, create_broker
+from notifier.jwks import KeySet
 from notifier.metrics import Metrics
 from notifier.node import Node
 from notifier.services import Services
@@ -21,6 +24,16 @@ from notifier.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 WS_PATH = "/v1/ws"
+SWAGGER_ASSETS = "/static/swagger"  # Swagger UI, bundled: /docs needs no internet access
+
+API_DESCRIPTION = """\
+A backend publishes a notification with `POST /v1/notifications`; every client subscribed to its
+topic receives it over the WebSocket `GET /v1/ws`, whichever instance it is connected to.
+
+Requests carry a bearer token (JWT) in `Authorization: Bearer <token>`: use **Authorize** below to
+try them. The WebSocket protocol (frames, close codes, recovery with `since`), the configuration
+and the metrics are described in the project's `docs/` directory (start with `docs/api.md`).
+"""
 
 
 class NotifierApp(FastAPI):
@@ -45,29 +58,58 @@ class NotifierApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings, broker: Broker | None = None) -> NotifierApp:
-    """An instance's ASGI app; ``broker`` overrides the one ``settings.broker_url`` names (tests)."""
+def create_app(settings: Settings, broker: Broker | None = None, *, dev_secret: bool = False) -> NotifierApp:
+    """An instance's ASGI app; ``broker`` overrides the one ``settings.broker_url`` names (tests).
+    ``dev_secret``: the settings' secret was generated at start (``serve`` without one), which a
+    token with a bad signature is told."""
     metrics = Metrics()
     if broker is None:
         broker = create_broker(settings.broker_url, settings.history_size, settings.history_ttl)
     node = Node(broker, metrics, settings.history_size)
-    services = Services(settings, TokenAuthority(settings.secret), node, metrics)
+    keys = KeySet(settings.jwks_url) if settings.jwks_url is not None else None
+    # Without a key set the secret is required: settings.secret raises ConfigError naming it.
+    secret = settings.secret if keys is None or settings.jwt_secret is not None else None
+    authority = TokenAuthority(
+        secret, keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience, dev_secret=dev_secret
+    )
+    services = Services(settings, authority, node, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await node.start()
         try:
+            # The key set's first fetch (a failure is logged, not raised) and its refresh loop.
+            await authority.start()
             yield
         finally:
+            await authority.close()
             await node.close()
 
     app = NotifierApp(
         title="notifier",
         version=__version__,
         summary="Real-time notifications over WebSocket, fanned out across instances through Redis",
+        description=API_DESCRIPTION,
+        docs_url=None,  # served by swagger_ui() below, from bundled assets
+        redoc_url=None,
         lifespan=lifespan,
     )
     app.state.services = services
     app.include_router(api.router)
+    app.add_api_route("/docs", swagger_ui, include_in_schema=False, response_class=HTMLResponse)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """The OpenAPI UI, with Swagger UI's script, style and icon served by this instance (no CDN)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=root + "/openapi.json",
+        title="notifier API",
+        swagger_js_url=f"{root}{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{SWAGGER_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{SWAGGER_ASSETS}/favicon-32x32.png",
+        # No validator badge: it would fetch from validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None},
+    )

@@ -17,6 +17,11 @@ OnState = Callable[[bool], None]
 OnResync = Callable[[list[str]], None]
 
 IDEMPOTENCY_TTL = 300  # seconds a repeated Idempotency-Key gets the first answer again
+# Messages between nodes (an administrator's disconnect, say) travel as notifications of this
+# topic: every broker holds it from the start, no client can subscribe to it (not a valid
+# topic name), and a node missing some while its link was down gets them like any topic.
+CONTROL_TOPIC = "$control"
+Rejections = dict[str, tuple[int, int]]  # sub -> (tokens issued before this are refused, until)
 # Ids run ahead of the clock only when more than one notification a microsecond is published:
 # this much lead is tolerated before an expiry check could call a lost history complete.
 CLOCK_LEAD = 100_000  # microseconds
@@ -139,6 +144,13 @@ class Broker(Protocol):
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic`` on this node."""
+
+    async def reject(self, sub: str, before: int, until: int) -> None:
+        """Record, for every node, that ``sub``'s tokens issued before ``before`` are refused
+        until ``until`` (unix seconds). BrokerUnavailable on failure."""
+
+    async def rejections(self) -> Rejections:
+        """Every rejection recorded and not yet over. BrokerUnavailable on failure."""
 
 
 def create_broker(url: str, history_size: int = 1000, history_ttl: int = 86400) -> Broker:

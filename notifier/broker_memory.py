@@ -8,6 +8,7 @@ from dataclasses import replace
 from itertools import islice
 
 from notifier.broker import (
+    CONTROL_TOPIC,
     IDEMPOTENCY_TTL,
     UNBOUNDED,
     Bookkeeping,
@@ -15,6 +16,7 @@ from notifier.broker import (
     OnNotification,
     OnResync,
     OnState,
+    Rejections,
     complete,
     next_id,
 )
@@ -51,7 +53,8 @@ class MemoryBroker:
         self._history_size = history_size
         self._ttl = history_ttl
         self._history: OrderedDict[str, _Topic] = OrderedDict()
-        self._topics: set[str] = set()
+        self._topics: set[str] = {CONTROL_TOPIC}
+        self._rejections: Rejections = {}
         self._answers: dict[str, tuple[float, Accepted]] = {}
         self._deliver: OnNotification = lambda _n: None
 
@@ -133,6 +136,14 @@ class MemoryBroker:
 
     async def unsubscribe(self, topic: str) -> None:
         self._topics.discard(topic)
+
+    async def reject(self, sub: str, before: int, until: int) -> None:
+        self._rejections[sub] = (before, until)
+
+    async def rejections(self) -> Rejections:
+        now = time.time()
+        self._rejections = {s: r for s, r in self._rejections.items() if r[1] > now}
+        return dict(self._rejections)
 
     def _remembered(self, key: str) -> Accepted | None:
         now = time.monotonic()

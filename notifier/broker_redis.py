@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict, deque
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -21,7 +23,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from notifier.broker import IDEMPOTENCY_TTL, UNBOUNDED, History, OnNotification, OnResync, OnState
+from notifier.broker import (
+    CONTROL_TOPIC,
+    IDEMPOTENCY_TTL,
+    UNBOUNDED,
+    History,
+    OnNotification,
+    OnResync,
+    OnState,
+    Rejections,
+)
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, Notification, notification_tail
 from notifier.redis_history import (
@@ -31,6 +42,7 @@ from notifier.redis_history import (
     IDEMPOTENCY_PREFIX,
     PROBE_PREFIX,
     PUBLISH_LUA,
+    REJECTIONS_KEY,
     SEQ_KEY,
     SESSION_LUA,
     TRIMMED_PREFIX,
@@ -66,6 +78,33 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+def redacted(url: str) -> str:
+    """``url`` fit for a log line or an error answer: any password (``:pw@``, ``?password=``) hidden."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    if "password" in query:
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(query)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _why(exc: BaseException) -> str:
+    """Why Redis could not be used, in a few words: ``Connection refused`` rather than redis-py's
+    ``Error 111 connecting to 127.0.0.1:6390. Connect call failed ('127.0.0.1', 6390).``"""
+    cause: BaseException | None = exc
+    for _ in range(8):  # the OS error is at most a few links down redis-py's chain
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno) if cause.errno > 0 else (cause.strerror or str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class RedisBroker:
     """Broker over one Redis server (``redis://`` or ``rediss://``)."""
 
@@ -74,6 +113,8 @@ class RedisBroker:
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._url = url
+        self._name = redacted(url)  # what logs and error answers call this broker
+        self._last_error = "connecting"  # why the pub/sub link is not up, for 503 answers
         # A blocking pool: a burst of publishes waits for a free connection (up to the publish
         # timeout) rather than failing once 100 are in use, as redis-py's default pool does.
         pool = BlockingConnectionPool.from_url(
@@ -104,7 +145,7 @@ class RedisBroker:
         self._filling = False
         self._held: list[tuple[bytes, bytes]] | None = []
         self._held_bytes = 0
-        self._topics: set[str] = set()
+        self._topics: set[str] = {CONTROL_TOPIC}  # held from the start (notifier.broker)
         self._pubsub: PubSub | None = None
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
         self._listener: asyncio.Task[None] | None = None
@@ -145,7 +186,7 @@ class RedisBroker:
             keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
         tail = notification_tail(topic, data_json, ts)
         if self._clock_offset is None:
-            raise BrokerUnavailable("redis: not connected yet")
+            raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         # A publish that reaches Redis after we answered 503 must not happen: the script refuses
         # past this deadline, set in Redis's own clock a margin before our timeout fires.
         deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
@@ -173,6 +214,34 @@ class RedisBroker:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
 
+    async def reject(self, sub: str, before: int, until: int) -> None:
+        # One hash for the deployment: a field per user, read whole when a node (re)connects;
+        # fields past their end are dropped then, and the hash lives as long as its newest.
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                async with self._pub.pipeline(transaction=True) as pipe:
+                    pipe.hset(REJECTIONS_KEY, sub, f"{before} {until}")
+                    pipe.expireat(REJECTIONS_KEY, until, gt=True)
+                    pipe.expireat(REJECTIONS_KEY, until, nx=True)
+                    await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            _check_cancelled()
+            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+
+    async def rejections(self) -> Rejections:
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                stored = await self._pub.hgetall(REJECTIONS_KEY)
+        except _REDIS_ERRORS as exc:
+            _check_cancelled()
+            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        now, found = time.time(), {}
+        for sub, value in stored.items():
+            before, until = (int(v) for v in value.split())
+            if until > now:
+                found[sub.decode() if isinstance(sub, bytes) else sub] = (before, until)
+        return found
+
     async def subscribe(self, topic: str) -> None:
         await self._command("subscribe", topic)
 
@@ -189,7 +258,7 @@ class RedisBroker:
         """Send SUBSCRIBE / UNSUBSCRIBE and wait until the listener reads its confirmation."""
         pubsub = self._pubsub
         if not self.connected or pubsub is None:
-            raise BrokerUnavailable("redis: not connected")
+            raise BrokerUnavailable(f"{self._name} not connected: {self._last_error}")
         channel = (CHANNEL_PREFIX + topic).encode()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[(kind, channel)].append(waiter)
@@ -225,12 +294,17 @@ class RedisBroker:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure ends the session; we go on
                 _check_cancelled()
+                self._last_error = _why(exc)
                 if self._was_connected:
-                    log.warning("redis pub/sub link lost: %s; reconnecting", exc or type(exc).__name__)
+                    backoff = BACKOFF_MIN
+                    log.warning("%s: pub/sub link lost: %s; reconnecting in %.1f s",
+                                self._name, self._last_error, backoff)  # fmt: skip
                 else:
-                    log.debug("redis pub/sub connect failed: %s", exc or type(exc).__name__)
-            if self._was_connected:
-                backoff = BACKOFF_MIN
+                    # Every attempt is worth a line: the backoff (capped at BACKOFF_MAX) bounds
+                    # them, and an operator must see at once why the instance is not ready.
+                    log.warning(
+                        "%s unreachable: %s; retrying in %.1f s", self._name, self._last_error, backoff
+                    )
             self._was_connected = False
             if await self._stopped_within(backoff):
                 return
@@ -280,7 +354,9 @@ class RedisBroker:
                         lost = await self._fill_gap() if self._gap_from is not None else None
                         self._floor = self._seen = floor
                         self._live = self._was_connected = True
+                        self._last_error = "link lost"
                         self._set_connected(True)
+                        log.info("%s connected", self._name)
                         if lost is not None:
                             self._on_resync(lost)
                 waiters = self._waiters.get((kind, channel))

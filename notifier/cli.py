@@ -7,22 +7,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import secrets
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import NoReturn
 
 import orjson
 from pydantic import SecretStr
 
-from notifier.auth import PUBLISH, SUBSCRIBE, TokenAuthority
+from notifier.auth import ADMIN, PUBLISH, SUBSCRIBE, TokenAuthority
 from notifier.client import ClientError
 from notifier.settings import ConfigError, Settings, load_client_settings, load_settings
 
 DEV_SUB = "dev"
 DEV_TOKEN_TTL = 7 * 24 * 3600  # seconds: the dev token expires too, if long after the process
+BACKLOG = 2048  # uvicorn's default listen backlog
+
+
+class CannotStart(Exception):
+    """``serve`` cannot run with what is installed (uvicorn's internals changed, a module missing)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="print a signed token (secret: NOTIFIER_JWT_SECRET)")
     token.add_argument("--sub", required=True, help="user id")
-    token.add_argument("--scope", action="append", choices=[SUBSCRIBE, PUBLISH], default=[])
+    token.add_argument("--scope", action="append", choices=[SUBSCRIBE, PUBLISH, ADMIN], default=[])
     token.add_argument("--topic", action="append", help="glob pattern of allowed topics (repeatable)")
     token.add_argument(
         "--ttl", type=int, default=3600, help="seconds until it expires (default 3600; every token expires)"
@@ -59,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
     subscribe.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
     subscribe.add_argument("--since", metavar="ID", help="resume after this notification id")
+
+    disconnect = commands.add_parser(
+        "disconnect", help="close every connection of a user on every instance (admin scope)"
+    )
+    disconnect.add_argument("sub", metavar="SUB", help="the user id (the tokens' sub)")
+    reject = disconnect.add_mutually_exclusive_group()
+    reject.add_argument(
+        "--reject-before", type=int, metavar="UNIX_S", help="also refuse their tokens issued before it, 24 h"
+    )
+    reject.add_argument("--reject-now", action="store_true", help="also refuse older tokens")
+    disconnect.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
+    disconnect.add_argument("--token", help="bearer token with the admin scope (NOTIFIER_TOKEN)")
     return parser
 
 
@@ -71,18 +91,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "disconnect":
+            return _disconnect(args)
         return _subscribe(args)
-    except (ConfigError, ClientError) as exc:
-        print(f"notifier: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except ClientError as exc:
+        return _fail(str(exc), 1)
+    except CannotStart as exc:
+        return _fail(f"cannot start: {exc}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(line: str, status: int) -> int:
+    print(f"notifier: error: {line}", file=sys.stderr)
+    return status
 
 
 def _dev_secret(settings: Settings) -> Settings:
     """With no secret configured: generate one, warn, and print a ready token and the demo URL."""
     secret = secrets.token_urlsafe(32)
-    token = TokenAuthority(secret).mint(DEV_SUB, [SUBSCRIBE, PUBLISH], ttl=DEV_TOKEN_TTL)
+    authority = TokenAuthority(secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    token = authority.mint(DEV_SUB, [SUBSCRIBE, PUBLISH], ttl=DEV_TOKEN_TTL)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     print(
         "notifier: warning: NOTIFIER_JWT_SECRET is not set; using a generated secret "
@@ -94,12 +125,21 @@ def _dev_secret(settings: Settings) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from notifier.app import create_app
-    from notifier.server import DrainingServer, HttpProtocol, bind_unix_socket, websocket_protocol
+        from notifier.app import create_app
+        from notifier.server import DrainingServer, HttpProtocol, bind_unix_socket, websocket_protocol
+    except ImportError as exc:  # notifier.server checks uvicorn's internals at import (_require)
+        hint = " (install the tested versions: pip install -c constraints.txt .)" if exc.name else ""
+        raise CannotStart(f"{exc}{hint}") from None
 
     settings = load_settings(host=args.host, port=args.port)
+    # Listen before anything is printed: a port in use is one line, not a dev token and a demo
+    # URL for another server's port followed by uvicorn's bind error.
+    sockets = _listen_tcp(settings.host, settings.port)
+    if settings.port == 0:  # the port the system chose: the demo URL must name it
+        settings = settings.model_copy(update={"port": sockets[0].getsockname()[1]})
     unix_socket = None
     if settings.uds:
         try:
@@ -108,9 +148,11 @@ def _serve(args: argparse.Namespace) -> int:
             reason = exc.strerror or exc
             raise ConfigError(f"NOTIFIER_UDS: cannot listen on {settings.uds}: {reason}") from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    if settings.jwt_secret is None:
+    # No secret and no key set: nothing could verify a token, so one is made up for development.
+    generated = settings.jwt_secret is None and settings.jwks_url is None
+    if generated:
         settings = _dev_secret(settings)
-    app = create_app(settings)
+    app = create_app(settings, dev_secret=generated)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -127,8 +169,47 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
     )
     server = DrainingServer(config, app.state.services.node, settings.shutdown_timeout, unix_socket)
-    server.run()
+    # uvicorn logs where it listens only for sockets it bound itself: say it for ours.
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host or "0.0.0.0"
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, settings.port
+    )
+    server.run(sockets=sockets)
     return 0 if server.started else 1
+
+
+def _listen_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on ``host``:``port``, bound as uvicorn would bind them (asyncio's
+    ``create_server``: every address of the host, SO_REUSEADDR, IPv6 sockets IPv6 only), for
+    uvicorn to serve. :class:`ConfigError` naming the setting when that cannot be done."""
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"NOTIFIER_HOST / --host: cannot listen on {host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # one port chosen by the system, for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(BACKLOG)  # from here on connections wait for the server, never refused
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        where = f"{host or '*'}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"NOTIFIER_PORT / --port: cannot listen on {where}: the port is already in use "
+                "(another server listens there); choose another port"
+            ) from None
+        reason = exc.strerror or exc
+        raise ConfigError(f"NOTIFIER_HOST / NOTIFIER_PORT: cannot listen on {where}: {reason}") from None
+    return sockets
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -136,9 +217,15 @@ def _token(args: argparse.Namespace) -> int:
         raise ConfigError("--ttl: must be a positive number of seconds (every token expires)")
     if not args.sub:
         raise ConfigError("--sub: must not be empty")
-    secret = load_settings().secret
+    settings = load_settings()
+    if settings.jwt_secret is None and settings.jwks_url is not None:
+        raise ConfigError(
+            "NOTIFIER_JWT_SECRET: not set, and `notifier token` signs with it: with only "
+            "NOTIFIER_JWKS_URL, tokens come from the identity provider"
+        )
+    authority = TokenAuthority(settings.secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     try:
-        token = TokenAuthority(secret).mint(args.sub, args.scope, args.topic, ttl=args.ttl)
+        token = authority.mint(args.sub, args.scope, args.topic, ttl=args.ttl)
     except ValueError as exc:
         raise ConfigError(f"--ttl: {exc}") from None
     print(token)
@@ -157,8 +244,28 @@ def _publish(args: argparse.Namespace) -> int:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"DATA_JSON: not valid JSON: {exc}") from None
-    answer = asyncio.run(publish(client.url, client.token, args.topic, data))
+    try:
+        answer = asyncio.run(publish(client.url, client.token, args.topic, data))
+    except ClientError as exc:
+        raise _with_token_hint(exc, client.token) from None
     print(orjson.dumps(answer).decode(), flush=True)
+    return 0
+
+
+def _disconnect(args: argparse.Namespace) -> int:
+    from notifier.client import disconnect_user
+
+    client = load_client_settings(url=args.url, token=args.token)
+    _check_url(client.url)
+    before = int(time.time()) if args.reject_now else args.reject_before
+    if before is not None and before < 0:
+        raise ConfigError("--reject-before: must be a unix time in seconds")
+    try:
+        asyncio.run(disconnect_user(client.url, client.token, args.sub, before))
+    except ClientError as exc:
+        raise _with_token_hint(exc, client.token) from None
+    refused = f"; their tokens issued before {before} are refused for 24 h" if before is not None else ""
+    print(f"disconnected {args.sub!r} on every instance{refused}", flush=True)
     return 0
 
 
@@ -193,7 +300,26 @@ def _subscribe(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except BrokenPipeError:  # `notifier subscribe news | head -1`: the reader left, so do we
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except ClientError as exc:
+        raise _with_token_hint(exc, client.token) from None
     return 0
+
+
+# What the server says when it refused the token itself (a WebSocket handshake answers 403
+# for it, where the HTTP API answers 401): see notifier.auth.
+_TOKEN_REFUSED = ("missing bearer token", "invalid token", "token expired")
+
+
+def _with_token_hint(exc: ClientError, token: str | None) -> ClientError:
+    """A refused token: the server's reason, plus how to pass a token."""
+    about_token = exc.status == 403 and (not token or (exc.detail or "").startswith(_TOKEN_REFUSED))
+    if exc.status != 401 and not about_token:
+        return exc
+    if not token:
+        hint = "no token was given: set NOTIFIER_TOKEN or pass --token"
+    else:
+        hint = "set NOTIFIER_TOKEN or pass --token with a valid one (notifier token mints one)"
+    return ClientError(f"{exc}; {hint}", exc.status, exc.detail)
 
 
 def _check_url(url: str) -> None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import orjson
@@ -51,12 +51,13 @@ class ClientError(Exception):
     """A request the server refused, or a server that cannot be reached; ``str()`` says which.
 
     ``status`` is the HTTP status (of the POST, or of the refused WebSocket handshake) when
-    there was one.
+    there was one, ``detail`` the server's own reason (its JSON ``detail``) when it gave one.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail
 
 
 # -- HTTP --------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class Client:
             raise ClientError(f"data cannot be sent as JSON: {exc}") from None
         response = await self._request("POST", "/v1/notifications", content=body, headers=headers)
         if response.status_code != 202:
-            raise ClientError(_describe(response), response.status_code)
+            raise _refused(response)
         answer: Frame = response.json()
         return answer
 
@@ -129,9 +130,21 @@ class Client:
         params = {k: str(v) for k, v in (("since", since), ("limit", limit)) if v is not None}
         response = await self._request("GET", f"/v1/topics/{topic}/notifications", params=params)
         if response.status_code != 200:
-            raise ClientError(_describe(response), response.status_code)
+            raise _refused(response)
         notifications: list[Frame] = response.json()["notifications"]
         return notifications
+
+    async def disconnect_user(self, sub: str, *, reject_tokens_issued_before: int | None = None) -> None:
+        """Close every connection of user ``sub`` on every instance (they get 4403); with
+        ``reject_tokens_issued_before`` (unix seconds), refuse that user's tokens issued before
+        it for 24 h. Needs the ``admin`` scope. Raises :class:`ClientError`."""
+        body = {} if reject_tokens_issued_before is None else {
+            "reject_tokens_issued_before": reject_tokens_issued_before
+        }
+        path = f"/v1/users/{quote(sub, safe='')}/disconnect"
+        response = await self._request("POST", path, json=body)
+        if response.status_code != 202:
+            raise _refused(response)
 
     def subscribe(
         self,
@@ -162,6 +175,12 @@ class Client:
             return await self._http.request(method, self.url + path, headers=headers, **kwargs)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ClientError(f"cannot reach {self.url}: {_reason(exc)}") from None
+
+
+async def disconnect_user(url: str, token: str | None, sub: str, reject_before: int | None = None) -> None:
+    """Shortcut for ``Client(url, token).disconnect_user(...)`` (admin scope)."""
+    async with Client(url, token) as client:
+        await client.disconnect_user(sub, reject_tokens_issued_before=reject_before)
 
 
 async def publish(
@@ -278,12 +297,10 @@ class Subscription:
             except ConnectionClosed as exc:  # an abnormal close (1006, 1008, 1013...)
                 closed = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (1006, "")
             except InvalidStatus as exc:
-                status = exc.response.status_code
+                status, detail = exc.response.status_code, _detail(exc.response.body)
+                why = f"handshake refused: HTTP {status}" + (f": {detail}" if detail else "")
                 if status != UNAVAILABLE and (status < 500 or not self.connections):
-                    raise ClientError(
-                        f"handshake refused: HTTP {status}{_body_detail(exc)}", status
-                    ) from None
-                why = f"handshake refused: HTTP {status}"
+                    raise ClientError(why, status, detail) from None
             except InvalidURI as exc:
                 raise ClientError(f"invalid URL {self.url!r}: {exc}") from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:
@@ -398,20 +415,22 @@ def _expires_within(token: str | None, seconds: float) -> bool:
     return exp is not None and exp - time.time() < seconds
 
 
-def _describe(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
-    return f"{response.status_code} {response.reason_phrase}" + (f": {detail}" if detail else "")
+def _refused(response: httpx.Response) -> ClientError:
+    """A refused request as an error carrying the server's own reason."""
+    detail = _detail(response.content)
+    status = f"{response.status_code} {response.reason_phrase}"
+    return ClientError(status + (f": {detail}" if detail else ""), response.status_code, detail)
 
 
-def _body_detail(exc: InvalidStatus) -> str:
+def _detail(body: bytes | bytearray | None) -> str | None:
+    """The ``detail`` of a JSON error body (ours; FastAPI's validation errors are a list)."""
     try:
-        detail = orjson.loads(exc.response.body or b"").get("detail")
+        detail = orjson.loads(body or b"").get("detail")
     except (orjson.JSONDecodeError, AttributeError):
-        return ""
-    return f": {detail}" if isinstance(detail, str) and detail else ""
+        return None
+    if not detail:
+        return None
+    return detail if isinstance(detail, str) else orjson.dumps(detail).decode()
 
 
 def _reason(exc: BaseException) -> str:

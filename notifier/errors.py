@@ -15,6 +15,7 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # frame over NOTIFIER_MAX_MESSAGE_BYTES
     SERVICE_RESTART = 1012  # no gapless stream could be guaranteed: reconnect with positions
     TRY_AGAIN_LATER = 1013  # client too slow: outbound queue overflowed
+    DISCONNECTED_BY_ADMIN = 4403  # an administrator disconnected this user: do not reconnect as is
 
 
 class ErrorCode:

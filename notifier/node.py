@@ -15,17 +15,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from notifier.auth import Principal
-from notifier.broker import Broker, History
+from notifier.broker import CONTROL_TOPIC, Broker, History, Rejections
 from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
-from notifier.protocol import Accepted, Notification
+from notifier.protocol import Accepted, Notification, dumps, loads
 from notifier.replay import Replay
 
 log = logging.getLogger("notifier.node")
 
 DRAIN_STEP = 0.1  # seconds between two batches of closes during a drain
 HISTORY_READS = 4  # history answers (up to 4 MiB each) an instance builds at once
+REJECTION_SECONDS = 24 * 3600  # how long an administrator's reject_tokens_issued_before holds
 
 
 class Node:
@@ -39,6 +40,10 @@ class Node:
         self.draining = False
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.history_gate = asyncio.Semaphore(HISTORY_READS)  # history answers built at once
+        # sub -> (tokens issued before this are refused, until): loaded from the broker at each
+        # connect, kept current by the control messages of every node's disconnects.
+        self.rejections: Rejections = {}
+        self._loading: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.metrics.broker_connected.set(0)
@@ -47,6 +52,9 @@ class Node:
         await self.broker.start(self._deliver, self._broker_state, self._resynced)
 
     async def close(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
         await self.broker.close()
 
     @property
@@ -54,6 +62,9 @@ class Node:
         return self.broker.connected and not self.draining
 
     def _deliver(self, notification: Notification) -> None:
+        if notification.topic == CONTROL_TOPIC:
+            self._control(notification)
+            return
         written = self.hub.broadcast(notification)
         if written:
             # Counted once per fan-out, not per socket; the latency is sampled by the last write.
@@ -77,6 +88,67 @@ class Node:
     def _broker_state(self, connected: bool) -> None:
         self.metrics.broker_connected.set(1 if connected else 0)
         log.info("broker %s", "connected" if connected else "disconnected")
+        if connected and (self._loading is None or self._loading.done()):
+            self._loading = asyncio.get_running_loop().create_task(self._load_rejections())
+
+    # -- administrators ---------------------------------------------------------------------
+
+    async def disconnect_user(self, sub: str, reject_before: int | None) -> None:
+        """Close every connection of ``sub`` on every node (4403); with ``reject_before``, refuse
+        that user's tokens issued before it (or without ``iat``) for 24 h, on every node.
+        Raises :class:`BrokerUnavailable` (then nothing may have happened)."""
+        now = int(time.time())
+        until = now + REJECTION_SECONDS
+        if reject_before is not None:
+            await self.broker.reject(sub, reject_before, until)
+        message = {"type": "disconnect", "sub": sub, "before": reject_before, "until": until}
+        await self.broker.publish(CONTROL_TOPIC, dumps(message).encode(), now * 1000)
+
+    def rejected(self, principal: Principal) -> bool:
+        """True when an administrator refused this token (issued before the cut, or no ``iat``)."""
+        entry = self.rejections.get(principal.sub)
+        if entry is None:
+            return False
+        before, until = entry
+        if time.time() >= until:
+            del self.rejections[principal.sub]
+            return False
+        return principal.iat is None or principal.iat < before
+
+    def _reject(self, sub: str, before: int, until: int) -> None:
+        known = self.rejections.get(sub)
+        if known is not None:
+            before, until = max(before, known[0]), max(until, known[1])
+        self.rejections[sub] = (before, until)
+
+    async def _load_rejections(self) -> None:
+        try:
+            found = await self.broker.rejections()
+        except BrokerUnavailable as exc:
+            log.warning("could not load the administrators' token rejections: %s", exc)
+            return
+        for sub, (before, until) in found.items():
+            self._reject(sub, before, until)
+
+    def _control(self, notification: Notification) -> None:
+        """A message from a node (see :data:`CONTROL_TOPIC`): an administrator's disconnect."""
+        try:
+            message = loads(notification.frame)["data"]
+            kind, sub = message["type"], message["sub"]
+        except (ValueError, KeyError, TypeError):
+            log.error("dropping a malformed control message")
+            return
+        if kind != "disconnect" or not isinstance(sub, str):
+            return
+        before, until = message.get("before"), message.get("until")
+        if isinstance(before, int) and isinstance(until, int):
+            self._reject(sub, before, until)
+        closed = 0
+        for conn in list(self.hub.connections):
+            if conn.principal.sub == sub and conn.close_code is None:
+                conn.close(CloseCode.DISCONNECTED_BY_ADMIN, "disconnected by an administrator")
+                closed += 1
+        log.info("administrator disconnect of %r: %d connections closed here", sub, closed)
 
     # -- connections ------------------------------------------------------------------------
 

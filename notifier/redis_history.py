@@ -23,6 +23,7 @@ CHANNEL_PREFIX = PREFIX + "topic:"
 HISTORY_PREFIX = PREFIX + "history:"
 TRIMMED_PREFIX = PREFIX + "trimmed:"
 PROBE_PREFIX = PREFIX + "probe:"
+REJECTIONS_KEY = PREFIX + "rejections"  # sub -> "<before> <until>": tokens refused by an admin
 
 # KEYS: id counter, epoch, topic channel, topic history stream, topic trim mark,
 #       [idempotency key]

@@ -177,14 +177,15 @@ def _require(
 
     ``methods``: methods of ``owner`` we override or call; ``names``: for a method of ``owner``,
     the attribute names its code must still use (an attribute set in ``__init__`` or read by a
-    method we replicate)."""
+    method we replicate). An :class:`ImportError` (this module cannot be used with the uvicorn
+    installed), which ``notifier serve`` reports as one line."""
     missing = [m for m in methods if not callable(getattr(owner, m, None))]
     for method, wanted in (names or {}).items():
         code = getattr(getattr(owner, method, None), "__code__", None)
         used = set(code.co_names) if code is not None else set()
         missing += [f"{method}() using .{name}" for name in wanted if name not in used]
     if missing:
-        raise RuntimeError(
+        raise ImportError(
             f"notifier.server overrides internals of {owner.__module__}.{owner.__qualname__} that uvicorn "
             f"{uvicorn.__version__} no longer has: {', '.join(missing)}. It was built against "
             f"{BUILT_AGAINST}: install that, or adapt notifier/server.py."

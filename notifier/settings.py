@@ -24,7 +24,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     broker_url: str = "memory://"
+    # HS256 secret. Unset with no JWKS URL either: `serve` generates one for development.
     jwt_secret: SecretStr | None = None
+    # An identity provider's JSON Web Key Set: RS256, ES256 and EdDSA tokens verify with its keys.
+    jwks_url: str | None = None
+    # When set, every token's `iss` must equal it / its `aud` must be or contain it.
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_connections: int = Field(10000, ge=1)
@@ -67,6 +73,31 @@ class Settings(BaseSettings):
             db = parsed.path.lstrip("/")
             if db and not db.isdigit():
                 raise ValueError("the path must be a database number, e.g. /0")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parsed = urlsplit(value)
+        # Whoever can change the key set in transit can sign any token: plain http only on this host.
+        loopback = parsed.scheme == "http" and parsed.hostname in ("localhost", "127.0.0.1", "::1")
+        if parsed.scheme != "https" and not loopback:
+            raise ValueError("must be an https:// URL (http:// only for a provider on this host)")
+        try:
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("the port must be a number from 0 to 65535") from None
+        if not parsed.hostname:
+            raise ValueError("names no host")
+        return value
+
+    @field_validator("jwt_issuer", "jwt_audience")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (unset it to accept any)")
         return value
 
     @field_validator("jwt_secret")

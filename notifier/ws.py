@@ -15,7 +15,7 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams
 
-from notifier.auth import SUBSCRIBE, Principal, bearer
+from notifier.auth import REVOKED, SUBSCRIBE, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden, LimitExceeded
 from notifier.hub import Connection, Item
 from notifier.protocol import (
@@ -58,7 +58,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     node = services.node
     try:
-        principal, topics, since = _authorize(services, websocket)
+        principal, topics, since = await _authorize(services, websocket)
         conn = _admit(services, principal)
     except Handshake as refusal:
         await _deny(services, websocket, refusal)
@@ -88,14 +88,16 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await node.detach(conn)
 
 
-def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
+async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
     # Not websocket.query_params: Starlette would keep that parsed copy for the socket's life.
     params = QueryParams(websocket.scope["query_string"])
     token = params.get("token") or bearer(_header(websocket, b"authorization"))
     try:
-        principal = services.authority.verify(token)
+        principal = await services.authority.authenticate(token)
     except AuthError as exc:
         raise Handshake(403, str(exc), "unauthorized") from None
+    if services.node.rejected(principal):
+        raise Handshake(403, REVOKED, "unauthorized")
     try:
         raw = params.get("topics")
         topics = topic_list(raw.split(",")) if raw else []
@@ -393,7 +395,7 @@ class Session:
         token = frame.body.get("token")
         if not isinstance(token, str):
             raise BadFrame("'token' must be a string")
-        new = self.services.authority.verify(token)
+        new = await self.services.authority.authenticate(token)
         old = self.conn.principal
         if new.sub != old.sub:
             raise Forbidden("the new token is for another user")
@@ -401,6 +403,8 @@ class Session:
             raise Forbidden("the new token must expire later than the current one")
         if SUBSCRIBE not in new.scopes:
             raise Forbidden("token lacks the 'subscribe' scope")
+        if self.node.rejected(new):
+            raise Forbidden(REVOKED)
         self.conn.principal = new
         self._schedule_expiry()
         self._reply(frame, {"type": "refreshed", "expires_at": new.exp})

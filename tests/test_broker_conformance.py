@@ -658,3 +658,57 @@ async def test_redis_rebuilt_link_delivers_what_was_missed_in_order_and_reports_
         received = await inbox.wait_count(topic, len(sent))
     assert [n.id for n in received] == sent
     assert inbox.resyncs == [[]]
+
+
+# -- administrators' rejections and control messages -------------------------------------------
+
+
+async def test_rejections_are_kept_for_every_node_until_their_end(make_broker: MakeBroker) -> None:
+    broker, alice, bob = make_broker(), fresh("alice"), fresh("bob")
+    now = int(time.time())
+    async with running(broker):
+        await broker.reject(alice, now - 10, now + 60)
+        await broker.reject(bob, now - 10, now - 1)  # already over
+        found = await broker.rejections()
+    assert found.get(alice) == (now - 10, now + 60)
+    assert bob not in found
+
+
+@pytest.mark.redis
+async def test_an_admin_disconnect_on_one_node_closes_the_users_connections_on_another(
+    redis_server: RedisServer,
+) -> None:
+    """Node A asks; node B (same Redis) closes alice's connection with 4403, leaves bob's open,
+    and from then on refuses alice's tokens issued before the cut, but not later ones."""
+    a = Node(RedisBroker(redis_server.url), Metrics())
+    b = Node(RedisBroker(redis_server.url), Metrics())
+    alice, bob = fresh("alice"), fresh("bob")
+    now = int(time.time())
+    def principal(sub: str, iat: int) -> Principal:
+        return Principal(sub=sub, scopes=frozenset({"subscribe"}), topics=None, exp=now + 60, iat=iat)
+
+    on_b = {sub: Connection(principal(sub, now - 5), 1 << 20, lambda _n: None) for sub in (alice, bob)}
+    await a.start()
+    await b.start()
+    try:
+        await eventually(lambda: a.ready and b.ready, "both nodes ready")
+        for conn in on_b.values():
+            b.attach(conn)
+        await a.disconnect_user(alice, now)
+        await eventually(lambda: on_b[alice].close_code is not None, "alice's connection on B closed")
+        old, new = principal(alice, now - 5), principal(alice, now + 1)
+        rejected_on_b = (b.rejected(old), b.rejected(new))
+        late = Node(RedisBroker(redis_server.url), Metrics())  # a node started after the fact
+        await late.start()
+        try:
+            await eventually(lambda: late.ready and alice in late.rejections, "the late node's rejections")
+            rejected_on_late = late.rejected(old)
+        finally:
+            await late.close()
+    finally:
+        await a.close()
+        await b.close()
+    assert on_b[alice].close_code == 4403
+    assert on_b[bob].close_code is None
+    assert rejected_on_b == (True, False)
+    assert rejected_on_late is True

@@ -26,7 +26,7 @@ import httpx
 import jwt
 import pytest
 from conftest import SECRET, mint_token
-from support import Instance, free_port, wait_until
+from support import Instance, RedisServer, free_port, wait_until
 from websockets.sync.client import connect, unix_connect
 
 pytestmark = pytest.mark.slow
@@ -291,6 +291,122 @@ def test_serve_replaces_a_stale_unix_socket_but_not_a_live_one_or_a_file(tmp_pat
     assert plain.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("how", ["--port", "NOTIFIER_PORT"])
+def test_serve_on_a_port_in_use_fails_with_one_line_before_printing_any_token(
+    tmp_path: Path, how: str
+) -> None:
+    path = tmp_path / "instance.sock"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(NOTIFIER_UDS=str(path))  # no secret: a dev token would be printed first
+        if how == "--port":
+            result = notifier("serve", "--port", str(port), cwd=tmp_path, env=env)
+        else:
+            result = notifier("serve", cwd=tmp_path, env={**env, "NOTIFIER_PORT": str(port)})
+    line = assert_one_line_error(result)  # nothing on stdout: no dev token, no demo URL
+    assert "NOTIFIER_PORT" in line and "--port" in line and f"127.0.0.1:{port}" in line, line
+    assert "already in use" in line, line
+    assert not path.exists()  # nor was the Unix socket created
+
+
+def test_serve_on_port_0_prints_the_demo_url_of_the_port_it_got(tmp_path: Path) -> None:
+    with process(["serve", "--port", "0"], tmp_path, clean_env()) as serve:
+        demo = serve.stdout.until(rf"http://127\.0\.0\.1:(\d+)/#token=({JWT_RE})\s*$")
+        url = f"http://127.0.0.1:{demo.group(1)}"
+        assert demo.group(1) != "0"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+
+
+def test_serve_with_uvicorn_internals_missing_fails_with_one_line_before_printing_anything(
+    tmp_path: Path,
+) -> None:
+    """notifier.server extends uvicorn's private protocol classes and checks at import that what
+    it uses is still there; an uvicorn without it (here: one method removed) stops `serve`."""
+    broken = (
+        "import sys\n"
+        "from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol\n"
+        "del HttpToolsProtocol._should_upgrade\n"
+        "from notifier.cli import main\n"
+        f"sys.exit(main(['serve', '--port', '{free_port()}']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", broken], cwd=tmp_path, env=clean_env(),
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    line = assert_one_line_error(result)
+    assert line.startswith("notifier: error: cannot start: "), line
+    assert "HttpToolsProtocol" in line and "_should_upgrade" in line and "built against" in line, line
+
+
+def test_the_check_of_uvicorn_internals_names_what_is_missing() -> None:
+    from notifier.server import _require
+
+    class Protocol:
+        def data_received(self) -> None:
+            self.parser = None
+
+    _require(Protocol, methods=("data_received",), names={"data_received": ("parser",)})
+    with pytest.raises(ImportError) as missing:
+        _require(Protocol, methods=("data_received", "on_url"), names={"data_received": ("flow",)})
+    message = str(missing.value)
+    assert "\n" not in message and "Protocol" in message
+    assert "on_url" in message and "data_received() using .flow" in message and "built against" in message
+
+
+@pytest.mark.redis
+def test_serve_with_redis_unreachable_logs_the_url_and_why_at_once_and_then_at_each_retry(
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer()  # its port, nothing listening there yet
+    broker = f"redis://127.0.0.1:{redis.port}/0"
+    port = free_port()
+    env = clean_env(NOTIFIER_JWT_SECRET=SECRET, NOTIFIER_BROKER_URL=broker, NOTIFIER_SHUTDOWN_TIMEOUT="2")
+    started = time.monotonic()
+    with process(["serve", "--port", str(port)], tmp_path, env) as serve:
+        first = serve.stderr.until(r"WARNING.*unreachable", timeout=2.0).string
+        assert time.monotonic() - started < 2.0
+        assert f"{broker} unreachable: Connection refused; retrying in 0.1 s" in first, first
+        serve.stderr.until(rf"{re.escape(broker)} unreachable: Connection refused; retrying in 0\.2 s$")
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/readyz", timeout=5).status_code == 503
+        try:
+            redis.start()
+            serve.stderr.until(rf"INFO.*{re.escape(broker)} connected")
+            wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
+        finally:
+            redis.stop()
+        assert serve.signal(signal.SIGTERM) == 0
+
+
+def test_serve_with_redis_unreachable_says_why_to_publishers_and_subscribers(tmp_path: Path) -> None:
+    broker_port, port = free_port(), free_port()
+    env = clean_env(
+        NOTIFIER_JWT_SECRET=SECRET,
+        NOTIFIER_BROKER_URL=f"redis://:hunter2@127.0.0.1:{broker_port}/0",
+        NOTIFIER_SHUTDOWN_TIMEOUT="2",
+    )
+    shown = f"redis://:***@127.0.0.1:{broker_port}/0"  # the password never shows
+    with process(["serve", "--port", str(port)], tmp_path, env) as serve:
+        line = serve.stderr.until(r"unreachable", timeout=2.0).string
+        assert f"{shown} unreachable: Connection refused" in line, line
+        url = f"http://127.0.0.1:{port}"
+        token = mint_token("backend", ("publish", "subscribe"))
+
+        result = notifier("publish", "news", "1", "--url", url, "--token", token, cwd=tmp_path)
+        line = assert_one_line_error(result)
+        assert (
+            f"503 Service Unavailable: broker unavailable, nothing accepted: {shown} not connected yet: "
+            "Connection refused"
+        ) in line, line
+
+        with process(["subscribe", "news", "--url", url, "--token", token], tmp_path, clean_env()) as sub:
+            retry = sub.stderr.until(r"handshake refused").string
+            assert f"HTTP 503: broker unavailable: {shown} not connected: Connection refused" in retry, retry
+            assert "reconnecting in" in retry
+        assert serve.signal(signal.SIGTERM) == 0
+    assert "hunter2" not in serve.stderr.rest() + serve.stdout.rest()
+
+
 @pytest.mark.parametrize("access_log", [None, "true"], ids=["default", "NOTIFIER_ACCESS_LOG=true"])
 def test_serve_logs_handshakes_without_their_token_and_requests_only_when_asked(
     tmp_path: Path, access_log: str | None
@@ -373,10 +489,32 @@ def test_publish_takes_url_and_token_from_the_environment(
     assert json.loads(result.stdout)["topic"] == "news"
 
 
-def test_publish_with_a_bad_token_fails_with_one_line_saying_401(server: Instance, tmp_path: Path) -> None:
+def test_publish_with_a_bad_token_fails_with_one_line_saying_401_why_and_how_to_pass_one(
+    server: Instance, tmp_path: Path
+) -> None:
     bad = mint_token("backend", ("publish",), secret="not-the-secret-0123456789abcdef0123")
     result = notifier("publish", "news", "{}", "--url", server.url, "--token", bad, cwd=tmp_path)
-    assert "401" in assert_one_line_error(result)
+    line = assert_one_line_error(result)
+    assert "401 Unauthorized: invalid token: " in line, line
+    assert "set NOTIFIER_TOKEN or pass --token with a valid one" in line, line
+
+
+def test_publish_without_a_token_fails_with_one_line_saying_none_was_given(
+    server: Instance, tmp_path: Path
+) -> None:
+    result = notifier("publish", "news", "{}", "--url", server.url, cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line == (
+        "notifier: error: 401 Unauthorized: missing bearer token; "
+        "no token was given: set NOTIFIER_TOKEN or pass --token"
+    ), line
+
+
+def test_publish_refused_for_its_scope_says_the_servers_reason(server: Instance, tmp_path: Path) -> None:
+    reader = mint_token("reader", ("subscribe",))
+    result = notifier("publish", "news", "{}", "--url", server.url, "--token", reader, cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line == "notifier: error: 403 Forbidden: token lacks the 'publish' scope", line
 
 
 def test_publish_to_an_unreachable_server_fails_with_one_line(publisher: str, tmp_path: Path) -> None:
@@ -437,10 +575,34 @@ def test_subscribe_prints_each_notification_as_one_json_line_at_once(
         assert "Traceback" not in subscriber.stderr.rest()
 
 
-def test_subscribe_with_a_bad_token_fails_with_one_line_saying_403(server: Instance, tmp_path: Path) -> None:
+def test_subscribe_with_a_bad_token_fails_with_one_line_saying_403_why_and_how_to_pass_one(
+    server: Instance, tmp_path: Path
+) -> None:
     bad = mint_token("reader", ("subscribe",), secret="not-the-secret-0123456789abcdef0123")
     result = notifier("subscribe", "news", "--url", server.url, "--token", bad, cwd=tmp_path)
-    assert "403" in assert_one_line_error(result)
+    line = assert_one_line_error(result)
+    assert "handshake refused: HTTP 403: invalid token: " in line, line
+    assert "set NOTIFIER_TOKEN or pass --token with a valid one" in line, line
+
+
+def test_subscribe_without_a_token_fails_with_one_line_saying_none_was_given(
+    server: Instance, tmp_path: Path
+) -> None:
+    result = notifier("subscribe", "news", "--url", server.url, cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line == (
+        "notifier: error: handshake refused: HTTP 403: missing bearer token; "
+        "no token was given: set NOTIFIER_TOKEN or pass --token"
+    ), line
+
+
+def test_subscribe_to_a_topic_not_allowed_says_the_servers_reason_and_no_token_hint(
+    server: Instance, tmp_path: Path
+) -> None:
+    limited = mint_token("reader", ("subscribe",), topics=["room:*"])
+    result = notifier("subscribe", "news", "--url", server.url, "--token", limited, cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line == "notifier: error: handshake refused: HTTP 403: not allowed to subscribe to 'news'", line
 
 
 def test_subscribe_to_an_unreachable_server_fails_with_one_line(tmp_path: Path) -> None:

@@ -168,10 +168,22 @@ async def test_publish_refused_raises_client_error_with_the_status(server: Insta
     with pytest.raises(ClientError, match="401") as refused:
         await publish(server.url, bad, "news", 1)
     assert refused.value.status == 401
+    assert refused.value.detail is not None and refused.value.detail.startswith("invalid token: ")
     reader_only = mint_token("alice", ("subscribe",))
     with pytest.raises(ClientError, match="403") as forbidden:
         await publish(server.url, reader_only, "news", 1)
     assert forbidden.value.status == 403
+    assert forbidden.value.detail == "token lacks the 'publish' scope"
+    assert str(forbidden.value) == "403 Forbidden: token lacks the 'publish' scope"
+
+
+async def test_history_refused_carries_the_servers_reason(server: Instance) -> None:
+    writer_only = mint_token("alice", ("publish",))
+    async with Client(server.url, writer_only) as client:
+        with pytest.raises(ClientError) as refused:
+            await client.history("news")
+    assert refused.value.status == 403 and refused.value.detail == "token lacks the 'subscribe' scope"
+    assert str(refused.value) == "403 Forbidden: token lacks the 'subscribe' scope"
 
 
 async def test_publish_to_an_unreachable_server_raises_client_error() -> None:
@@ -186,6 +198,8 @@ async def test_subscribe_with_a_refused_token_raises_client_error_403(server: In
         async with asyncio.timeout(DEADLINE):
             await anext(subscribe(server.url, bad, ["news"]))
     assert refused.value.status == 403
+    assert refused.value.detail is not None and refused.value.detail.startswith("invalid token: ")
+    assert str(refused.value) == f"handshake refused: HTTP 403: {refused.value.detail}"
 
 
 async def test_subscribe_to_a_topic_not_allowed_raises_client_error_403(server: Instance) -> None:

@@ -10,7 +10,11 @@
  *     await client.publish("room:lobby", { text: "hi" });  // resolves with {type: "published", id, topic, ts}
  *   </script>
  *
- * Also usable as `globalThis.NotifierClient` (a worker, Node >= 22) and through `require()`.
+ * Also usable as `globalThis.NotifierClient` (a worker, Node) and through `require()` or `import`. On
+ * Node < 22, which has no built-in WebSocket, pass one:
+ *
+ *   const { NotifierClient } = require("./notifier.js");
+ *   const client = new NotifierClient({ url, token, WebSocket: require("ws") });
  *
  * What it does for you:
  * - subscribe / unsubscribe / publish return promises settled by the server's reply with the
@@ -80,6 +84,9 @@
      * @param {number} [options.maxDelay=30000] longest reconnect delay, ms
      * @param {number} [options.pingInterval=25000] keepalive ping period, ms (0: none)
      * @param {number} [options.requestTimeout=10000] how long a request waits for its reply, ms
+     * @param {Function} [options.WebSocket] the WebSocket class; default: the global one (browsers,
+     *   workers, Node >= 22). On Node < 22 pass one, e.g. `require("ws")`
+     * @throws {NotifierError} code `no_websocket` when there is no WebSocket class to use
      */
     constructor(options = {}) {
       const base = String(options.url || defaultBase()).replace(/\/+$/, "");
@@ -94,6 +101,17 @@
       this.pingInterval = options.pingInterval ?? 25000;
       this.requestTimeout = options.requestTimeout ?? 10000;
       this.WebSocket = options.WebSocket || global.WebSocket;
+      if (typeof this.WebSocket !== "function") {
+        // Thrown, not emitted: nothing could ever connect, and an "error" event nobody listens
+        // to yet would leave the client silent.
+        throw new NotifierError(
+          "no_websocket",
+          options.WebSocket
+            ? "the `WebSocket` option is not a WebSocket class (pass the class, e.g. require(\"ws\"))"
+            : "no WebSocket implementation here: pass one as the `WebSocket` option " +
+              "(on Node < 22: new NotifierClient({url, token, WebSocket: require(\"ws\")}), after npm install ws)",
+        );
+      }
       this.state = "disconnected";
       this.session = null; // of the current connection, from `hello`
       this.user = null;
