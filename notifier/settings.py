@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,18 @@ BROKER_SCHEMES = ("memory://", "redis://", "rediss://")
 
 class ConfigError(Exception):
     """Configuration that cannot run; ``str()`` is one line naming the variable."""
+
+
+def _host_and_port(url: str) -> SplitResult:
+    """``url`` split; ValueError unless it names a host and a valid (or no) port."""
+    parsed = urlsplit(url)
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    if not parsed.hostname:
+        raise ValueError("names no host")
+    return parsed
 
 
 class Settings(BaseSettings):
@@ -63,13 +75,7 @@ class Settings(BaseSettings):
         if not value.startswith(BROKER_SCHEMES):
             raise ValueError(f"must start with one of {', '.join(BROKER_SCHEMES)}")
         if not value.startswith("memory://"):
-            parsed = urlsplit(value)
-            try:
-                parsed.port  # noqa: B018 - raises ValueError on a bad port
-            except ValueError:
-                raise ValueError("the port must be a number from 0 to 65535") from None
-            if not parsed.hostname:
-                raise ValueError("names no host")
+            parsed = _host_and_port(value)
             db = parsed.path.lstrip("/")
             if db and not db.isdigit():
                 raise ValueError("the path must be a database number, e.g. /0")
@@ -85,12 +91,7 @@ class Settings(BaseSettings):
         loopback = parsed.scheme == "http" and parsed.hostname in ("localhost", "127.0.0.1", "::1")
         if parsed.scheme != "https" and not loopback:
             raise ValueError("must be an https:// URL (http:// only for a provider on this host)")
-        try:
-            parsed.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError("the port must be a number from 0 to 65535") from None
-        if not parsed.hostname:
-            raise ValueError("names no host")
+        _host_and_port(value)
         return value
 
     @field_validator("jwt_issuer", "jwt_audience")

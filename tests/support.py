@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,18 @@ class Instance:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.proc = None
+
+
+def memory_instance(secret: str) -> Iterator[Instance]:
+    """A started ``notifier serve`` on the memory broker, for a module-scoped fixture; stopped
+    and its log removed afterwards."""
+    instance = Instance({"NOTIFIER_BROKER_URL": "memory://", "NOTIFIER_JWT_SECRET": secret})
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+        os.unlink(instance.log.name)
 
 
 class SlowLink:

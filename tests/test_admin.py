@@ -19,9 +19,9 @@ import httpx
 import pytest
 from conftest import SECRET, mint_token
 from support import ROOT
-from test_faults import fresh, hello, next_frame, post, ws_connect, ws_url
+from test_faults import fresh, handshake_status, hello, next_frame, post, ws_connect, ws_url
 from test_hardening import deployment
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
@@ -33,16 +33,6 @@ async def disconnect(
 ) -> httpx.Response:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return await http.post(f"{url}/v1/users/{sub}/disconnect", json=body, headers=headers)
-
-
-async def handshake_status(url: str) -> int:
-    try:
-        async with ws_connect(url) as ws:
-            await hello(ws)
-            return 101
-    except InvalidStatus as refusal:
-        status: int = refusal.response.status_code
-        return status
 
 
 async def test_an_admin_disconnect_closes_the_user_everywhere_and_refuses_older_tokens() -> None:

@@ -26,7 +26,7 @@ import httpx
 import jwt
 import pytest
 from conftest import SECRET, mint_token
-from support import Instance, RedisServer, free_port, wait_until
+from support import Instance, RedisServer, free_port, memory_instance, wait_until
 from websockets.sync.client import connect, unix_connect
 
 pytestmark = pytest.mark.slow
@@ -170,14 +170,7 @@ def process(args: list[str], cwd: Path, env: dict[str, str]) -> Iterator[Process
 @pytest.fixture(scope="module")
 def server() -> Iterator[Instance]:
     """One instance (memory broker) that the client commands talk to."""
-    instance = Instance({"NOTIFIER_BROKER_URL": "memory://", "NOTIFIER_JWT_SECRET": SECRET})
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
-        instance.log.close()
-        os.unlink(instance.log.name)
+    yield from memory_instance(SECRET)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import SECRET, mint_token
-from support import ROOT, Instance
+from support import ROOT, Instance, memory_instance
 
 NODE = shutil.which("node")
 CLIENT = ROOT / "notifier" / "static" / "notifier.js"
@@ -96,13 +96,7 @@ console.log(JSON.stringify({ client: typeof NotifierClient, error: typeof Notifi
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Instance]:
-    instance = Instance({"NOTIFIER_BROKER_URL": "memory://", "NOTIFIER_JWT_SECRET": SECRET})
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
-        os.unlink(instance.log.name)
+    yield from memory_instance(SECRET)
 
 
 def run_node(
