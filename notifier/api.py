@@ -24,6 +24,7 @@ PUBLISH_PATH = "/v1/notifications"
 RawHeader = tuple[bytes, bytes]
 
 MAX_IDEMPOTENCY_KEY = 256
+MAX_PUBLISH_TOPICS = 1000  # topics of one POST (``"topics": [...]``)
 MAX_HISTORY_LIMIT = 1000
 MAX_HISTORY_BYTES = 4 << 20  # frames in one history answer; beyond, it is cut short with "more"
 
@@ -130,16 +131,40 @@ _PUBLISH_BODY = {
     "content": {
         "application/json": {
             "schema": {
-                "type": "object",
-                "required": ["topic", "data"],
-                "properties": {
-                    "topic": {
-                        "type": "string",
-                        "pattern": TOPIC_PATTERN,
-                        "description": "The topic to publish to (letters, digits, `_ . : -`; 1 to 128).",
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "title": "one topic",
+                        "required": ["topic", "data"],
+                        "properties": {
+                            "topic": {
+                                "type": "string",
+                                "pattern": TOPIC_PATTERN,
+                                "description": "The topic to publish to (letters, digits, `_ . : -`; "
+                                "1 to 128). Answered `{\"id\", \"topic\", \"ts\"}`.",
+                            },
+                            "data": {"description": "Any JSON value, null allowed: delivered as is."},
+                        },
                     },
-                    "data": {"description": "Any JSON value, null allowed: delivered as is."},
-                },
+                    {
+                        "type": "object",
+                        "title": "many topics",
+                        "required": ["topics", "data"],
+                        "properties": {
+                            "topics": {
+                                "type": "array",
+                                "items": {"type": "string", "pattern": TOPIC_PATTERN},
+                                "minItems": 1,
+                                "maxItems": MAX_PUBLISH_TOPICS,
+                                "uniqueItems": True,
+                                "description": "1 to 1000 distinct topics, each receiving the same data. "
+                                "Answered `{\"notifications\": [{\"id\", \"topic\", \"ts\"}, ...]}` in "
+                                "this order (with one broker the ids increase in it too).",
+                            },
+                            "data": {"description": "Any JSON value, null allowed: delivered as is."},
+                        },
+                    },
+                ]
             },
             "examples": {
                 "object": {
@@ -224,26 +249,50 @@ async def _receive_body(receive: Receive, declared: str | None, limit: int) -> b
             return bytes(body)
 
 
-def _parse_notification(body: bytes) -> tuple[str, bytes]:
-    """``(topic, data as JSON)`` of a publish body; 422 saying what is wrong otherwise."""
+def _parse_notification(body: bytes) -> tuple[str | list[str], bytes]:
+    """``(topic, data as JSON)`` of a publish body, or ``(topics, data as JSON)`` for the form
+    ``{"topics": [...], "data": ...}``; 422 saying what is wrong otherwise."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPException(422, f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise HTTPException(422, "the body must be a JSON object with 'topic' and 'data'")
-    if "topic" not in obj or "data" not in obj:
+    topic: str | list[str]
+    if "topics" in obj:
+        topic = _topic_list(obj)
+    elif "topic" not in obj or "data" not in obj:
         raise HTTPException(422, "'topic' and 'data' are required ('data' may be null)")
-    topic = obj["topic"]
-    if not valid_topic(topic):
-        raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
+    else:
+        topic = obj["topic"]
+        if not valid_topic(topic):
+            raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")
     try:
         return topic, encode_data(obj["data"])
     except BadFrame as exc:
         raise HTTPException(422, str(exc)) from None
 
 
-async def _publish(services: Services, scope: Scope, receive: Receive) -> Accepted:
+def _topic_list(obj: dict[str, Any]) -> list[str]:
+    """The ``topics`` of a publish body to many topics; 422 saying what is wrong otherwise."""
+    if "topic" in obj:
+        raise HTTPException(422, "give either 'topic' or 'topics', not both")
+    if "data" not in obj:
+        raise HTTPException(422, "'topics' and 'data' are required ('data' may be null)")
+    topics = obj["topics"]
+    if not isinstance(topics, list) or not 0 < len(topics) <= MAX_PUBLISH_TOPICS:
+        raise HTTPException(422, f"'topics' must be a list of 1 to {MAX_PUBLISH_TOPICS} topic names")
+    for topic in topics:
+        if not valid_topic(topic):
+            raise HTTPException(
+                422, f"invalid topic name {str(topic)[:140]!r}: must match ^[A-Za-z0-9_.:-]{{1,128}}$"
+            )
+    if len(set(topics)) != len(topics):
+        raise HTTPException(422, "'topics' names a topic more than once")
+    return topics
+
+
+async def _publish(services: Services, scope: Scope, receive: Receive) -> Accepted | list[Accepted]:
     authorization = key = length = None
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -260,6 +309,8 @@ async def _publish(services: Services, scope: Scope, receive: Receive) -> Accept
     topic, data_json = _parse_notification(
         await _receive_body(receive, length, services.settings.max_message_bytes)
     )
+    if isinstance(topic, list):
+        return await _publish_many(services, principal, topic, data_json, key)
     try:
         principal.check_publish(topic)
     except Forbidden as exc:
@@ -268,6 +319,21 @@ async def _publish(services: Services, scope: Scope, receive: Receive) -> Accept
         return await services.node.publish(principal, topic, data_json, key)
     except BrokerUnavailable as exc:
         raise HTTPException(503, f"broker unavailable, nothing accepted: {exc}") from None
+
+
+async def _publish_many(
+    services: Services, principal: Principal, topics: list[str], data_json: bytes, key: str | None
+) -> list[Accepted]:
+    try:
+        for topic in topics:  # every one allowed, or nothing published
+            principal.check_publish(topic)
+    except Forbidden as exc:
+        raise HTTPException(403, f"{exc}; nothing published") from None
+    try:
+        return await services.node.publish_many(principal, topics, data_json, key)
+    except BrokerUnavailable as exc:
+        retry = "some may have been accepted: retry with the same Idempotency-Key"
+        raise HTTPException(503, f"broker unavailable, {retry}: {exc}") from None
 
 
 async def publish_answer(
@@ -280,6 +346,8 @@ async def publish_answer(
     except HTTPException as exc:
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
         return exc.status_code, orjson.dumps({"detail": exc.detail}), headers
+    if isinstance(accepted, list):
+        return 202, orjson.dumps({"notifications": [a.as_json() for a in accepted]}), []
     return 202, orjson.dumps(accepted.as_json()), []
 
 
@@ -317,7 +385,8 @@ async def publish_endpoint(services: Services, scope: Scope, receive: Receive, s
             "'topic' and 'data' are required ('data' may be null)",
         ),
         503: _error(
-            "The broker is unavailable (answered within about 3 s). Nothing was accepted: retry.",
+            "The broker is unavailable (answered within about 3 s). Nothing was accepted (for a "
+            "`topics` list: some may have been; retry with the same `Idempotency-Key`).",
             "broker unavailable, nothing accepted: redis connection lost",
         ),
     },

@@ -1,15 +1,18 @@
 """The :class:`Broker` protocol: how notifications move between nodes, and its factory.
 
-A broker is picked by the URL scheme (``memory://``, ``redis://``, ``rediss://``); each
+A broker is picked by the URL scheme (``memory://``, ``redis://``, ``rediss://``,
+``redis+sentinel://``, ``redis+cluster://``); each
 implementation lives in a sibling module ``broker_<kind>.py`` imported lazily.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, Notification
 
 OnNotification = Callable[[Notification], None]
@@ -26,6 +29,20 @@ Rejections = dict[str, tuple[int, int]]  # sub -> (tokens issued before this are
 # this much lead is tolerated before an expiry check could call a lost history complete.
 CLOCK_LEAD = 100_000  # microseconds
 UNBOUNDED = 1 << 62  # no byte bound on a history read
+
+
+class PartlyPublished(BrokerUnavailable):
+    """A publish to many topics that could not finish: ``accepted`` are the answers known to
+    have been accepted before it failed (more may have been)."""
+
+    def __init__(self, message: str, accepted: list[Accepted]) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+
+def topic_idempotency_key(key: str, topic: str) -> str:
+    """The idempotency key of ``topic`` in a publish to many topics under ``key``."""
+    return hashlib.sha256(f"{key}\0{topic}".encode()).hexdigest()
 
 
 def next_id(last: int, now_us: int) -> int:
@@ -129,6 +146,17 @@ class Broker(Protocol):
     ) -> Accepted:
         """Publish ``data_json`` (encoded JSON) to ``topic``; a repeated key returns the first answer."""
 
+    async def publish_many(
+        self, topics: list[str], data_json: bytes, ts: int, idempotency_key: str | None = None
+    ) -> list[Accepted]:
+        """Publish ``data_json`` to each of ``topics`` (distinct, at most 1000): the answers in the
+        order given, their ids increasing in that order. With ``idempotency_key``, each topic is
+        published at most once under it (its key: :func:`topic_idempotency_key`; the key itself
+        holds the first answer, as ``publish`` keeps it, and counts for the topic it names): a
+        repeated one gets its first answer (``repeated``). ``BrokerUnavailable`` when it cannot
+        finish: a prefix of the new ones may have been accepted (and remembered under their keys,
+        so that a retry with the same key publishes only the rest)."""
+
     async def history(
         self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
     ) -> History:
@@ -160,8 +188,13 @@ def create_broker(url: str, history_size: int = 1000, history_ttl: int = 86400) 
         from notifier.broker_memory import MemoryBroker
 
         return MemoryBroker(history_size, history_ttl)
-    if url.startswith(("redis://", "rediss://")):
+    # Sentinel is a topology of the same Redis broker, not another broker (notifier.redis_topology).
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
         from notifier.broker_redis import RedisBroker
 
         return RedisBroker(url, history_size, history_ttl)
+    if url.startswith("redis+cluster://"):  # the same scripts and keys, one slot per topic
+        from notifier.broker_cluster import ClusterBroker
+
+        return ClusterBroker(url, history_size, history_ttl)
     raise ValueError(f"unsupported broker URL: {url!r}")

@@ -19,6 +19,7 @@ from notifier.broker import (
     Rejections,
     complete,
     next_id,
+    topic_idempotency_key,
 )
 from notifier.protocol import Accepted, Notification
 
@@ -82,6 +83,37 @@ class MemoryBroker:
         if topic in self._topics:
             self._deliver(notification)
         return accepted
+
+    async def publish_many(
+        self, topics: list[str], data_json: bytes, ts: int, idempotency_key: str | None = None
+    ) -> list[Accepted]:
+        # One step, as Redis's script: nothing else runs until every topic is published.
+        first = self._remembered(idempotency_key) if idempotency_key is not None else None
+        now = time.monotonic()
+        answers: list[Accepted] = []
+        for topic in topics:
+            key = None
+            if idempotency_key is not None:
+                key = topic_idempotency_key(idempotency_key, topic)
+                entry = self._answers.get(key)
+                previous = entry[1] if entry is not None and entry[0] > now else None
+                if previous is None and first is not None and first.topic == topic:
+                    previous = first
+                if previous is not None:
+                    answers.append(replace(previous, repeated=True))
+                    continue
+            self._seq = next_id(self._seq, _now_us())
+            notification = Notification.build(self._seq, topic, data_json, ts)
+            accepted = Accepted(notification.id, topic, ts)
+            if key is not None:
+                self._answers[key] = (now + IDEMPOTENCY_TTL, accepted)
+            self._retain(notification)
+            if topic in self._topics:
+                self._deliver(notification)
+            answers.append(accepted)
+        if idempotency_key is not None and first is None and answers:
+            self._answers[idempotency_key] = (now + IDEMPOTENCY_TTL, replace(answers[0], repeated=False))
+        return answers
 
     def _retain(self, notification: Notification) -> None:
         if self._history_size == 0:

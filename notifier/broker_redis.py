@@ -17,10 +17,8 @@ from collections import defaultdict, deque
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from notifier.broker import (
@@ -31,7 +29,9 @@ from notifier.broker import (
     OnNotification,
     OnResync,
     OnState,
+    PartlyPublished,
     Rejections,
+    topic_idempotency_key,
 )
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, Notification, notification_tail
@@ -40,14 +40,17 @@ from notifier.redis_history import (
     EPOCH_KEY,
     HISTORY_PREFIX,
     IDEMPOTENCY_PREFIX,
+    MASTER_KEY,
     PROBE_PREFIX,
     PUBLISH_LUA,
+    PUBLISH_MANY_LUA,
     REJECTIONS_KEY,
     SEQ_KEY,
     SESSION_LUA,
     TRIMMED_PREFIX,
     HistoryReader,
 )
+from notifier.redis_topology import connect
 
 log = logging.getLogger("notifier.broker")
 
@@ -56,6 +59,9 @@ PROBE_TIMEOUT = 3.0  # a probe not back within this: the link is silently dead, 
 PUBLISH_TIMEOUT = 2.0  # POST answers 503 within the contract's 3 s
 SUBSCRIBE_TIMEOUT = 3.0
 PUBLISH_CONNECTIONS = 32  # per node; Redis runs scripts one at a time anyway
+# A publish to many topics goes in script calls of at most this many topics and about this many
+# bytes of frames: Redis runs nothing else during one, so each keeps others' latency low.
+MANY_TOPICS_PER_CALL, MANY_BYTES_PER_CALL = 100, 1 << 20
 DEADLINE_MARGIN = 0.25  # seconds the script's deadline keeps before our own timeout fires
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # After a lost link: topics read back per pipeline, and entries per topic delivered from
@@ -72,10 +78,6 @@ def _check_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def _no_retry() -> Retry:
-    return Retry(NoBackoff(), 0)
 
 
 def redacted(url: str) -> str:
@@ -106,7 +108,8 @@ def _why(exc: BaseException) -> str:
 
 
 class RedisBroker:
-    """Broker over one Redis server (``redis://`` or ``rediss://``)."""
+    """Broker over one Redis server (``redis://``, ``rediss://``) or the current master of a
+    Sentinel set (``redis+sentinel://``): see :mod:`notifier.redis_topology`."""
 
     def __init__(self, url: str, history_size: int = 1000, history_ttl: int = 86400) -> None:
         self.connected = False
@@ -115,22 +118,19 @@ class RedisBroker:
         self._url = url
         self._name = redacted(url)  # what logs and error answers call this broker
         self._last_error = "connecting"  # why the pub/sub link is not up, for 503 answers
-        # A blocking pool: a burst of publishes waits for a free connection (up to the publish
-        # timeout) rather than failing once 100 are in use, as redis-py's default pool does.
-        pool = BlockingConnectionPool.from_url(
+        # How connections are made (one server, or the current master of a Sentinel set) is the
+        # topology's: a blocking publish pool with short timeouts and no retries, and a client
+        # for the pub/sub connection with no socket timeout (an idle listener must not time out).
+        self._topology = connect(
             url,
-            max_connections=PUBLISH_CONNECTIONS,
-            timeout=PUBLISH_TIMEOUT,
-            socket_timeout=PUBLISH_TIMEOUT,
-            socket_connect_timeout=PUBLISH_TIMEOUT,
-            retry=_no_retry(),
+            publish_timeout=PUBLISH_TIMEOUT,
+            connections=PUBLISH_CONNECTIONS,
+            subscribe_timeout=SUBSCRIBE_TIMEOUT,
         )
-        self._pub: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
-        # No socket_timeout on the pub/sub connection: an idle listener must not time out.
-        self._sub: Redis = Redis.from_url(
-            url, socket_connect_timeout=SUBSCRIBE_TIMEOUT, retry=_no_retry(), health_check_interval=0
-        )
+        self._pub: Redis = self._topology.publisher
+        self._sub: Redis = self._topology.subscriber
         self._script = self._pub.register_script(PUBLISH_LUA)
+        self._many_script = self._pub.register_script(PUBLISH_MANY_LUA)
         self._session_script = self._pub.register_script(SESSION_LUA)
         self._reader = HistoryReader(self._pub, history_size, history_ttl)
         # No silent gap: ``_gap_from`` is the position after which a lost session may have
@@ -175,8 +175,7 @@ class RedisBroker:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._set_connected(False)
-        await self._pub.aclose()
-        await self._sub.aclose()
+        await self._topology.aclose()
 
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
@@ -203,6 +202,44 @@ class RedisBroker:
             raise BrokerUnavailable("redis: too slow to answer; nothing published")
         id_, ts_, topic_ = answer.split(b" ", 2)
         return Accepted(int(id_), topic_.decode(), int(ts_), repeated=outcome == 1)
+
+    async def publish_many(
+        self, topics: list[str], data_json: bytes, ts: int, idempotency_key: str | None = None
+    ) -> list[Accepted]:
+        if self._clock_offset is None:
+            raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
+        # One deadline for every call: nothing is published after the caller answered 503.
+        deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
+        per = 3 if idempotency_key is None else 4
+        step = max(1, min(MANY_TOPICS_PER_CALL, MANY_BYTES_PER_CALL // (len(data_json) + 200)))
+        answers: list[Accepted] = []
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                for start in range(0, len(topics), step):
+                    part = topics[start : start + step]
+                    keys = [SEQ_KEY, EPOCH_KEY]
+                    if idempotency_key is not None:
+                        keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
+                    for topic in part:
+                        keys += (CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic)
+                        if idempotency_key is not None:
+                            keys.append(IDEMPOTENCY_PREFIX + topic_idempotency_key(idempotency_key, topic))
+                    args: list[Any] = [
+                        data_json, ts, IDEMPOTENCY_TTL, self._history_size, deadline, self._history_ttl, per,
+                        *part,
+                    ]  # fmt: skip
+                    reply = await self._many_script(keys=keys, args=args)
+                    if reply[0] == 2:
+                        break
+                    for repeated, answer in zip(reply[1], reply[2:], strict=True):
+                        id_, ts_, topic_ = answer.split(b" ", 2)
+                        answers.append(Accepted(int(id_), topic_.decode(), int(ts_), repeated == ord("1")))
+        except _REDIS_ERRORS as exc:
+            _check_cancelled()
+            raise PartlyPublished(f"redis: {str(exc) or type(exc).__name__}", answers) from None
+        if len(answers) < len(topics):
+            raise PartlyPublished("redis: too slow to answer; some may have been published", answers)
+        return answers
 
     async def history(
         self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
@@ -328,7 +365,8 @@ class RedisBroker:
         unconfirmed = wanted | {self._probe_channel}
         # Read before subscribing: every id above it is this session's to deliver.
         async with asyncio.timeout(PUBLISH_TIMEOUT):
-            floor = int(await self._session_script(keys=[SEQ_KEY, EPOCH_KEY]))
+            sentinel = "1" if self._topology.kind == "sentinel" else "0"
+            floor = int(await self._session_script(keys=[SEQ_KEY, EPOCH_KEY, MASTER_KEY], args=[sentinel]))
         # While the gap of an earlier session is not filled, live messages wait (in order).
         self._filling, self._held, self._held_bytes = self._gap_from is not None, [], 0
         await pubsub.subscribe(*unconfirmed)

@@ -27,6 +27,7 @@ from notifier.settings import ConfigError, Settings, load_client_settings, load_
 DEV_SUB = "dev"
 DEV_TOKEN_TTL = 7 * 24 * 3600  # seconds: the dev token expires too, if long after the process
 BACKLOG = 2048  # uvicorn's default listen backlog
+MAX_SINCE_POSITIONS = 10_000  # a sanity bound for --since TOPIC:ID,...; the server has its own
 
 
 class CannotStart(Exception):
@@ -66,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument("topics", nargs="+", metavar="TOPIC")
     subscribe.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
     subscribe.add_argument("--token", help="bearer token (NOTIFIER_TOKEN)")
-    subscribe.add_argument("--since", metavar="ID", help="resume after this notification id")
+    subscribe.add_argument(
+        "--since",
+        metavar="ID",
+        help="resume after this notification id (every topic), or each topic after its own: TOPIC:ID,...",
+    )
 
     disconnect = commands.add_parser(
         "disconnect", help="close every connection of a user on every instance (admin scope)"
@@ -271,16 +276,18 @@ def _disconnect(args: argparse.Namespace) -> int:
 
 def _subscribe(args: argparse.Namespace) -> int:
     from notifier.client import subscribe
-    from notifier.protocol import parse_since, valid_topic
+    from notifier.protocol import parse_positions, valid_topic
 
     client = load_client_settings(url=args.url, token=args.token)
     for topic in args.topics:
         if not valid_topic(topic):
             raise ConfigError(f"TOPIC: invalid topic name {topic!r} (letters, digits, _ . : -; at most 128)")
     try:
-        parse_since(args.since)
+        # One id, or per-topic positions TOPIC:ID,... (the server bounds how many it takes).
+        parsed = parse_positions(args.since, most=MAX_SINCE_POSITIONS)
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
+    since = {t: str(i) for t, i in parsed.items()} if isinstance(parsed, dict) else args.since
     _check_url(client.url)
     # Reconnections are worth a line on stderr; stdout stays pure JSON lines.
     reports = logging.StreamHandler(sys.stderr)
@@ -291,7 +298,7 @@ def _subscribe(args: argparse.Namespace) -> int:
     client_log.propagate = False
 
     async def run() -> None:
-        async with subscribe(client.url, client.token, args.topics, args.since) as notifications:
+        async with subscribe(client.url, client.token, args.topics, since) as notifications:
             async for frame in notifications:
                 sys.stdout.write(orjson.dumps(frame).decode() + "\n")
                 sys.stdout.flush()

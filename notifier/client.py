@@ -15,10 +15,11 @@
 
 :meth:`Client.subscribe` yields notification frames forever: when the connection drops (a
 draining instance closes with 1001, a slow consumer gets 1013, the network fails...) it
-reconnects with exponential backoff and jitter and passes ``since=<last id seen>``, so nothing
-the deployment still retains is missed. It stops with :class:`ClientError` only when going on
-cannot help: the server refused the token or a topic (401/403), or the very first connection
-could not be made. The module-level :func:`publish` and :func:`subscribe` are one-call shortcuts.
+reconnects with exponential backoff and jitter and passes its per-topic positions
+(``since=<topic>:<last id seen of it>,...``), so nothing the deployment still retains is
+missed. It stops with :class:`ClientError` only when going on cannot help: the server refused
+the token or a topic (401/403), or the very first connection could not be made. The
+module-level :func:`publish` and :func:`subscribe` are one-call shortcuts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import base64
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -45,6 +46,8 @@ TOKEN_EXPIRED = 1008  # the server's close code for a token that expired during 
 UNAVAILABLE = 503  # draining or full instance, broker down: worth another try
 Frame = dict[str, Any]
 TokenSource = Callable[[], Awaitable[str]]
+Since = str | int | Mapping[str, str | int]
+"""Where a subscription resumes: one id (for every topic) or per-topic positions ``{topic: id}``."""
 
 
 class ClientError(Exception):
@@ -150,13 +153,14 @@ class Client:
         self,
         topics: Iterable[str] = (),
         *,
-        since: str | int | None = None,
+        since: Since | None = None,
         min_delay: float = 0.5,
         max_delay: float = 30.0,
     ) -> Subscription:
         """Notifications of ``topics`` (plus ``broadcast`` and the token's own ``user:<sub>``).
 
-        See :class:`Subscription`; ``since`` resumes after that id.
+        See :class:`Subscription`; ``since`` resumes after that id (every topic), or each topic
+        after its own position (``{topic: id}``, e.g. a saved :attr:`Subscription.positions`).
         """
         return Subscription(
             self.url, self.token, topics, since,
@@ -192,7 +196,7 @@ async def publish(
 
 
 def subscribe(
-    url: str, token: str | None, topics: Iterable[str], since: str | int | None = None
+    url: str, token: str | None, topics: Iterable[str], since: Since | None = None
 ) -> Subscription:
     """Shortcut for ``Client(url, token).subscribe(topics, since=since)``."""
     return Subscription(url, token, topics, since)
@@ -206,9 +210,13 @@ class Subscription:
 
     Each frame is the server's ``{"type": "notification", "id", "topic", "data", "ts"}``.
     After a drop it reconnects (backoff from ``min_delay`` doubling to ``max_delay``, with
-    jitter) with ``since`` = :attr:`last_id`, so the server replays what was missed, oldest
-    first, before live notifications: no gap, no duplicate, as far as history reaches
-    (:attr:`recovered` is False when it did not reach far enough).
+    jitter) with its per-topic :attr:`positions` as ``since=<topic>:<id>,...``, so the server
+    replays what was missed of each topic, oldest first, before live notifications: no gap, no
+    duplicate, as far as history reaches (:attr:`recovered` is False when it did not reach far
+    enough).
+
+    ``since`` starts the first connection after one id (every topic), or each topic after its
+    own position (``{topic: id}``; a topic without one starts live, without recovery).
 
     Raises :class:`ClientError` when the server refuses the token or a topic (HTTP 401/403
     handshake, or a 1008 close for an expired token with no ``get_token``), or when the first
@@ -222,7 +230,7 @@ class Subscription:
         url: str,
         token: str | None,
         topics: Iterable[str] = (),
-        since: str | int | None = None,
+        since: Since | None = None,
         *,
         get_token: TokenSource | None = None,
         min_delay: float = 0.5,
@@ -234,8 +242,19 @@ class Subscription:
         self.requested = list(topics)
         self.get_token = get_token
         self.min_delay, self.max_delay, self.open_timeout = min_delay, max_delay, open_timeout
-        self.last_id: str | None = None if since is None else str(since)
-        """The id of the newest notification yielded (or the ``since`` given): where a resume starts."""
+        self.positions: dict[str, str] = {}
+        """Per topic, the id of the newest notification of it yielded (or the position it was
+        last resumed from): where the next resume starts, sent as ``since=<topic>:<id>,...``."""
+        self.last_id: str | None = None
+        """The id of the newest notification yielded on any topic (or the one ``since`` given)."""
+        self._first: str | None = None  # the one id of the first connection's ``since``
+        if isinstance(since, str) and ":" in since:  # "<topic>:<id>,...", as the query has it
+            since = dict(item.rpartition(":")[::2] for item in since.split(","))
+        if isinstance(since, Mapping):
+            self.positions = {str(topic): str(id_) for topic, id_ in since.items()}
+        elif since is not None:
+            self.last_id = self._first = str(since)
+        self._sent: dict[str, str] = {}  # the positions the current connection resumed from
         self.recovered: bool | None = None
         """``hello.recovered`` of the last connection that resumed, None before any resume."""
         self.session: str | None = None
@@ -270,7 +289,8 @@ class Subscription:
         while True:
             if self.get_token is not None and _expires_within(self.token, 1.0):
                 await self._renew()
-            url = ws_url(self.url, self.token, self.requested, self.last_id)
+            since = self._resume()
+            url = ws_url(self.url, self.token, self.requested, since)
             closed: tuple[int, str] | None = None
             why = ""
             try:
@@ -281,8 +301,11 @@ class Subscription:
                             frame: Frame = orjson.loads(raw)
                             kind = frame.get("type")
                             if kind == "notification":
-                                if _after(frame["id"], self.last_id):
-                                    self.last_id = frame["id"]
+                                id_, topic = frame["id"], frame["topic"]
+                                if _after(id_, self.last_id):
+                                    self.last_id = id_
+                                if _after(id_, self.positions.get(topic)):
+                                    self.positions[topic] = id_
                                 yield frame
                             elif kind == "hello":
                                 self._hello(frame)
@@ -322,20 +345,52 @@ class Subscription:
     async def _backoff(self, why: str) -> None:
         delay = min(self.max_delay, self.min_delay * 2**self._attempt) * random.uniform(0.5, 1.0)
         self._attempt += 1
-        after = f" (resuming after id {self.last_id})" if self.last_id else ""
+        if self.positions:
+            after = f" (resuming from the positions of {len(self.positions)} topics)"
+        else:
+            after = f" (resuming after id {self.last_id})" if self.last_id else ""
         log.warning("%s; reconnecting in %.1f s%s", why, delay, after)
         await asyncio.sleep(delay)
+
+    def _resume(self) -> str | dict[str, str] | None:
+        """The ``since`` of the next handshake: the one id given, for the first connection;
+        else a position for each topic of the connection. A topic with none of its own (nothing
+        received on it yet, not even a replay) resumes from the newest id received on any topic,
+        which is exact when ids increase across topics (one broker); with no id at all, it is
+        subscribed live. Remembered in ``_sent``: :meth:`_hello` makes them the positions."""
+        if self._first is not None and not self.connections:
+            self._sent = {}
+            return self._first
+        if not self.connections:  # positions given, or none: as they are
+            self._sent = dict(self.positions)
+            return self._sent or None
+        topics = dict.fromkeys([*self.topics, *self.requested])
+        sent = {t: self.positions[t] for t in topics if t in self.positions}
+        if self.last_id is not None:
+            for topic in topics:
+                sent.setdefault(topic, self.last_id)
+        self._sent = sent
+        return sent or None
 
     def _hello(self, frame: Frame) -> None:
         self.session = frame.get("session")
         self.topics = list(frame.get("topics", []))
         self.connections += 1
         self._attempt = 0
+        # Every topic now resumes from where this connection started it (positions of topics
+        # no longer held are dropped), until a notification of it moves it on.
+        resumed = dict.fromkeys(self.topics, self._first) if self._first is not None else self._sent
+        self.positions = {
+            t: position
+            for t in self.topics
+            if (position := self.positions.get(t) or resumed.get(t)) is not None
+        }
+        self._first = None
         if "recovered" in frame:
             self.recovered = bool(frame["recovered"])
             if not self.recovered:
-                log.warning("some notifications after id %s were no longer retained: not all recovered",
-                            self.last_id)  # fmt: skip
+                log.warning("some notifications after the positions resumed from were no longer "
+                            "retained: not all recovered")  # fmt: skip
         self.connected.set()
 
     async def _renew(self) -> None:
@@ -375,8 +430,9 @@ def http_url(url: str) -> str:
     return {"ws": "http", "wss": "https"}.get(scheme, scheme) + base[len(scheme) :]
 
 
-def ws_url(url: str, token: str | None, topics: Iterable[str], since: str | int | None) -> str:
-    """The WebSocket URL of a deployment at ``url`` (http(s):// or ws(s)://) with the query."""
+def ws_url(url: str, token: str | None, topics: Iterable[str], since: Since | None) -> str:
+    """The WebSocket URL of a deployment at ``url`` (http(s):// or ws(s)://) with the query:
+    ``since`` one id, or per-topic positions sent as ``<topic>:<id>,<topic>:<id>``."""
     base = "ws" + http_url(url)[len("http") :]
     query: dict[str, str] = {}
     if token:
@@ -384,7 +440,10 @@ def ws_url(url: str, token: str | None, topics: Iterable[str], since: str | int 
     topics = list(topics)
     if topics:
         query["topics"] = ",".join(topics)
-    if since is not None:
+    if isinstance(since, Mapping):
+        if since:
+            query["since"] = ",".join(f"{topic}:{id_}" for topic, id_ in since.items())
+    elif since is not None:
         query["since"] = str(since)
     return f"{base}/v1/ws?{urlencode(query)}"
 

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from notifier.auth import Principal
-from notifier.broker import CONTROL_TOPIC, Broker, History, Rejections
+from notifier.broker import CONTROL_TOPIC, Broker, History, PartlyPublished, Rejections
 from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
-from notifier.protocol import Accepted, Notification, dumps, loads
+from notifier.protocol import Accepted, Notification, Positions, Since, dumps, loads
 from notifier.replay import Replay
 
 log = logging.getLogger("notifier.node")
@@ -177,12 +177,29 @@ class Node:
             if topic not in conn.topics:
                 await self.join(conn, topic, hold=False)
 
-    async def recover(self, conn: Connection, topics: list[str], since: int) -> Replay:
-        """Subscribe ``conn`` to ``topics`` held for a recovery after ``since`` and read the first
-        page of each: the returned :class:`Replay` knows ``recovered``; the caller sends its
-        reply, then runs it. Raises :class:`BrokerUnavailable`, leaving none of ``topics`` new."""
-        replay = Replay(self, conn, topics, since)
-        await replay.start()
+    async def recover(self, conn: Connection, topics: list[str], since: Since) -> Replay:
+        """Subscribe ``conn`` to ``topics`` for a recovery: after ``since`` (one id: every topic)
+        or each after its own position (per-topic positions: a topic without one is subscribed
+        live, without recovery; positions of other topics are ignored). The recovered topics are
+        held and the first page of each read: the returned :class:`Replay` knows ``recovered``
+        (true when nothing after its position was lost for any recovered topic); the caller
+        sends its reply, then runs it. Raises :class:`BrokerUnavailable`, leaving none of
+        ``topics`` new."""
+        topics = list(dict.fromkeys(topics))
+        if isinstance(since, int):
+            positions: Positions = dict.fromkeys(topics, since)
+            live: list[str] = []
+        else:
+            positions = {t: since[t] for t in topics if t in since}
+            live = [t for t in topics if t not in since]
+        new = [t for t in live if t not in conn.topics]
+        replay = Replay(self, conn, positions)
+        try:
+            await self.subscribe(conn, live)
+            await replay.start()
+        except BaseException:
+            await self.unsubscribe(conn, new)
+            raise
         return replay
 
     async def join(self, conn: Connection, topic: str, hold: bool) -> None:
@@ -253,6 +270,27 @@ class Node:
         accepted = await self.broker.publish(topic, data_json, int(time.time() * 1000), key)
         if not accepted.repeated:
             self.metrics.published.inc()
+        return accepted
+
+    async def publish_many(
+        self, principal: Principal, topics: list[str], data_json: bytes, idempotency_key: str | None = None
+    ) -> list[Accepted]:
+        """Publish the same data to each of ``topics`` (distinct; the caller checked permissions):
+        the answers in their order. BrokerUnavailable when it could not finish: some may have
+        been accepted, and a retry with the same key publishes only the rest."""
+        key = None
+        if idempotency_key is not None:
+            key = hashlib.sha256(f"{principal.sub}\0{idempotency_key}".encode()).hexdigest()
+        accepted: list[Accepted] = []
+        try:
+            accepted = await self.broker.publish_many(topics, data_json, int(time.time() * 1000), key)
+        except PartlyPublished as exc:
+            accepted = exc.accepted  # counted too: a retry answers them as repeated
+            raise
+        finally:
+            fresh = sum(not a.repeated for a in accepted)
+            if fresh:
+                self.metrics.published.inc(fresh)
         return accepted
 
 

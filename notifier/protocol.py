@@ -149,12 +149,75 @@ def parse_since(value: str | None) -> int | None:
     return _decimal(value, "a notification id", 0)
 
 
+Positions = dict[str, int]
+"""Per-topic positions: topic -> the id of the last notification of it a client received."""
+Since = int | Positions
+"""A recovery's ``since``: one id for every topic of the request, or per-topic positions."""
+MAX_ID_DIGITS = 20
+
+
+def parse_positions(value: str | None, most: int) -> Since | None:
+    """``since`` of a query string: one id (applied to every topic of the request), or per-topic
+    positions ``<topic>:<id>,<topic>:<id>`` (the id is what follows the *last* ``:``, as topic
+    names hold ``:`` too). ValueError when malformed: one id mixed with positions, a bad topic
+    name or id, a topic given twice, or more than ``most`` positions."""
+    if value is None:
+        return None
+    if ":" not in value:
+        return parse_since(value)
+    items = value.split(",")
+    if len(items) > most:
+        raise ValueError(f"since lists {len(items)} positions; at most {most} (one a topic)")
+    positions: Positions = {}
+    for item in items:
+        topic, colon, id_ = item.rpartition(":")
+        if not colon:
+            raise ValueError(
+                f"not <topic>:<id>: {item[:40]!r} (one id and per-topic positions cannot be mixed)"
+            )
+        if not valid_topic(topic):
+            raise ValueError(f"invalid topic name in since: {topic[:140]!r}")
+        if topic in positions:
+            raise ValueError(f"since gives {topic!r} twice")
+        positions[topic] = _decimal(id_, "a notification id", 0)
+    return positions
+
+
+def since_from_json(value: Json, most: int) -> Since | None:
+    """``since`` of a frame: absent (None), one id (a non-negative integer, or a string of its
+    digits), or an object of per-topic positions ``{"<topic>": "<id>", ...}`` with at most
+    ``most`` entries. :class:`BadFrame` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return _json_id(value)
+    if len(value) > most:
+        raise BadFrame(f"'since' lists {len(value)} positions; at most {most} (one a topic)")
+    positions: Positions = {}
+    for topic, id_ in value.items():
+        if not valid_topic(topic):
+            raise BadFrame(f"invalid topic name in 'since': {str(topic)[:140]!r}")
+        positions[topic] = _json_id(id_)
+    return positions
+
+
+def _json_id(value: Json) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**MAX_ID_DIGITS:
+        return value
+    if isinstance(value, str):
+        try:
+            return _decimal(value, "a notification id", 0)
+        except ValueError:
+            pass
+    raise BadFrame("'since' must be a notification id or an object of per-topic positions")
+
+
 def positive_int(value: str, what: str) -> int:
     return _decimal(value, what, 1)
 
 
 def _decimal(value: str, what: str, minimum: int) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 20 or int(value) < minimum:
+    if not value.isascii() or not value.isdigit() or len(value) > MAX_ID_DIGITS or int(value) < minimum:
         raise ValueError(f"not {what}: {value[:40]!r}")
     return int(value)
 

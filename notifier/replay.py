@@ -1,5 +1,6 @@
 """A recovery (``since``) for one connection: its missed notifications, paged out of history at
-the pace its socket drains, then live ones, with no gap and no duplicate.
+the pace its socket drains, then live ones, with no gap and no duplicate. Each topic is
+recovered after its own position (one ``since`` id gives every topic the same one).
 
 The topics are *held* on the hub from before their history is read, so everything published
 meanwhile is in history, in the held buffer, or both. History is read a page per topic at a
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from notifier.broker import History
 from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection
-from notifier.protocol import Notification
+from notifier.protocol import Notification, Positions
 
 if TYPE_CHECKING:
     from notifier.node import Node
@@ -35,14 +36,15 @@ class Gap(Exception):
 
 
 class Replay:
-    """One connection's recovery of ``topics`` after ``since`` (see the module docstring)."""
+    """One connection's recovery of each topic of ``positions`` after its own position (the id
+    of the last notification of it the client received; see the module docstring)."""
 
-    def __init__(self, node: Node, conn: Connection, topics: list[str], since: int) -> None:
-        self.node, self.conn, self.since = node, conn, since
-        self.topics = list(dict.fromkeys(topics))
+    def __init__(self, node: Node, conn: Connection, positions: Positions) -> None:
+        self.node, self.conn = node, conn
+        self.topics = list(positions)
         self.recovered = False
         self._pages: dict[str, deque[Notification]] = {t: deque() for t in self.topics}
-        self._pos = dict.fromkeys(self.topics, since)  # last id queued, per topic
+        self._pos = dict(positions)  # last id queued, per topic
         self._whole: dict[str, bool] = {}  # the first page said nothing was lost
         self._done: set[str] = set()  # history read to its end (for now)
         share = max(1, len(self.topics))

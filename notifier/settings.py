@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from notifier.auth import MIN_SECRET_BYTES
 
 ENV_PREFIX = "NOTIFIER_"
-BROKER_SCHEMES = ("memory://", "redis://", "rediss://")
+BROKER_SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
 
 
 class ConfigError(Exception):
@@ -74,7 +74,15 @@ class Settings(BaseSettings):
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(BROKER_SCHEMES):
             raise ValueError(f"must start with one of {', '.join(BROKER_SCHEMES)}")
-        if not value.startswith("memory://"):
+        if value.startswith("redis+sentinel://"):
+            from notifier.redis_topology import parse_sentinel_url  # imports redis: only when used
+
+            parse_sentinel_url(value)  # ValueError: one line saying what is wrong
+        elif value.startswith("redis+cluster://"):
+            from notifier.redis_cluster import parse_cluster_url
+
+            parse_cluster_url(value)
+        elif not value.startswith("memory://"):
             parsed = _host_and_port(value)
             db = parsed.path.lstrip("/")
             if db and not db.isdigit():

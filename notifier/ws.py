@@ -21,10 +21,12 @@ from notifier.hub import Connection, Item
 from notifier.protocol import (
     BadFrame,
     ClientFrame,
+    Since,
     dumps,
     encode_data,
     parse_client_frame,
-    parse_since,
+    parse_positions,
+    since_from_json,
     topic_list,
     valid_topic,
     ws_text_frame,
@@ -88,7 +90,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await node.detach(conn)
 
 
-async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], int | None]:
+async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], Since | None]:
     # Not websocket.query_params: Starlette would keep that parsed copy for the socket's life.
     params = QueryParams(websocket.scope["query_string"])
     token = params.get("token") or bearer(_header(websocket, b"authorization"))
@@ -108,7 +110,8 @@ async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principa
                 f"too many topics: {held}, broadcast and user:<sub> included; at most {limit} a connection"
             )
         principal.check_subscribe(topics)
-        since = parse_since(params.get("since"))
+        # One id, or per-topic positions (at most as many as a connection may hold topics).
+        since = parse_positions(params.get("since"), limit)
     except (Forbidden, LimitExceeded, BadFrame, ValueError) as exc:
         raise Handshake(403, str(exc), "forbidden") from None
     return principal, topics, since
@@ -356,7 +359,7 @@ class Session:
                 f"too many topics: {len(held)} held and {new} more asked for; at most {limit} a connection"
             )
         self.conn.principal.check_subscribe(topics)
-        since = _frame_since(frame.body.get("since"))
+        since = _frame_since(frame.body.get("since"), limit)
         reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
         if since is None:
             await self.node.subscribe(self.conn, topics)
@@ -427,18 +430,12 @@ class Session:
         self.conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
 
-def _frame_since(value: object) -> int | None:
-    """``since`` of a subscribe frame: absent, a non-negative integer, or a string of its digits."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    try:
-        if isinstance(value, str):
-            return parse_since(value)
-    except ValueError:
-        pass
-    raise BadFrame("'since' must be a notification id")
+def _frame_since(value: object, most: int) -> Since | None:
+    """``since`` of a subscribe frame: absent, one id (a non-negative integer or a string of its
+    digits) for every topic of the frame, or per-topic positions ``{"<topic>": "<id>", ...}``
+    (at most ``most``; a topic of the frame without one is subscribed live, without recovery,
+    and positions of topics not in the frame are ignored). :class:`BadFrame` otherwise."""
+    return since_from_json(value, most)
 
 
 _HANDLERS = {

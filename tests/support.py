@@ -19,6 +19,8 @@ from typing import Any
 import anyio
 import httpx
 import orjson
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 from starlette.testclient import WebSocketTestSession
 
 from notifier.broker_memory import MemoryBroker
@@ -118,6 +120,129 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+def _ask(port: int, *words: str) -> Any:
+    """One command to a redis-server or sentinel on ``port`` (a fresh connection, 2 s timeouts)."""
+    with SyncRedis(port=port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True) as client:
+        return client.execute_command(*words)
+
+
+class SentinelSet:
+    """A real Sentinel deployment on free loopback ports: a master, one replica (both without
+    persistence: the replica gets the master's writes by replication only) and three sentinels
+    (quorum 2, master down after ``down_after_ms``). ``stop()`` ends every process it started.
+
+    ``kill_master()`` SIGKILLs the current master; the sentinels then promote the replica.
+    """
+
+    SERVICE = "notifier"
+
+    def __init__(self, down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(self.binary):
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.dir = tempfile.mkdtemp(prefix="notifier-sentinel-")
+        self.data_ports = [free_port(), free_port()]  # first the master, then the replica
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def _spawn(self, port: int, args: list[str]) -> None:
+        self.procs[port] = subprocess.Popen(
+            [self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def _ping(self, port: int) -> bool:
+        try:
+            return bool(_ask(port, "PING"))
+        except RedisError:
+            return False
+
+    def start(self) -> SentinelSet:
+        master, replica = self.data_ports
+        for port in self.data_ports:
+            extra = ["--replicaof", "127.0.0.1", str(master)] if port == replica else []
+            self._spawn(port, [
+                "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.dir, "--dbfilename", f"dump-{port}.rdb", *extra,
+            ])  # fmt: skip
+        for port in self.sentinel_ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"  # sentinels rewrite their file
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {master} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.SERVICE} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.SERVICE} 1\n"
+            )
+            self._spawn(port, [str(conf), "--sentinel"])
+        for port in [*self.data_ports, *self.sentinel_ports]:
+            wait_until(lambda p=port: self._ping(p), 10, f"redis on port {port} to answer PING")
+        wait_until(self.healthy, 30, "the sentinels to see the replica and each other")
+        return self
+
+    def healthy(self) -> bool:
+        """Every sentinel names the same live master, with a replica in sync and two peers."""
+        try:
+            masters = {self.master_port(port) for port in self.sentinel_ports}
+            if len(masters) != 1 or None in masters:
+                return False
+            for port in self.sentinel_ports:
+                state = _ask(port, "SENTINEL", "MASTER", self.SERVICE)
+                if state["num-slaves"] != "1" or state["num-other-sentinels"] != "2":
+                    return False
+                if state["flags"] != "master":  # not s_down, o_down, failover_in_progress
+                    return False
+            master = masters.pop()
+            replicas = [p for p in self.running_ports() if p in self.data_ports and p != master]
+            return all(_ask(p, "INFO", "replication")["master_link_status"] == "up" for p in replicas)
+        except RedisError:
+            return False
+
+    def running_ports(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    def master_port(self, sentinel_port: int | None = None) -> int | None:
+        """The master's port, as one sentinel (the first by default) names it."""
+        port = sentinel_port or self.sentinel_ports[0]
+        address = _ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        return int(address[1]) if address else None
+
+    def kill_master(self) -> int:
+        """SIGKILL the current master; its port."""
+        port = self.master_port()
+        assert port is not None and port in self.data_ports
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait(10)
+        return port
+
+    def failover(self) -> int:
+        """Ask a sentinel for a failover (``SENTINEL FAILOVER``): the replica is promoted and the
+        old master, still running, turned into its replica. The old master's port."""
+        port = self.master_port()
+        assert port is not None
+        _ask(self.sentinel_ports[0], "SENTINEL", "FAILOVER", self.SERVICE)
+        return port
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def start_all(instances: Iterable[Instance]) -> None:

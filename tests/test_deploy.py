@@ -38,7 +38,9 @@ STOP_TIMEOUT = 40.0
 CLIENTS = 30
 # Per instance, so that test_full_instance_refusal_goes_to_the_next_instance can fill one.
 MAX_CONNECTIONS = 15
-LINE = re.compile(r"^(redis|instance|nginx|prometheus): (\S+) \(pid (\d+)\)$")
+LINE = re.compile(
+    r"^(redis|redis-master|redis-replica|sentinel|instance|nginx|prometheus): (\S+) \(pid (\d+)\)$"
+)
 SERVICES = {"redis", "notifier1", "notifier2", "notifier3", "nginx", "prometheus", "grafana"}
 
 
@@ -61,6 +63,8 @@ class Cluster:
     pids: dict[int, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
     logs: Path | None = None
+    printed: list[str] = field(default_factory=list)  # every stdout line parsed so far
+    broker: str = ""  # the URL on the one `redis:` line: what the instances use
 
     def errors(self) -> str:
         return Path(self.stderr.name).read_text(errors="replace")
@@ -94,8 +98,11 @@ class Cluster:
                 return
 
     def parse(self, line: str) -> None:
+        self.printed.append(line)
         if line.startswith("logs: "):
             self.logs = Path(line.split()[1])
+        if line.startswith("redis: "):
+            self.broker = line.split()[1]
         match = LINE.match(line)
         if match is None:
             return
@@ -430,6 +437,44 @@ def test_local_cluster_stops_everything_on_signal(signum: int, tmp_path: Path) -
     assert leftover_processes(cluster.pids) == []
     assert not any(port_open(port) for port in cluster.ports)
     assert not cluster.logs.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_local_cluster_with_sentinel_prints_its_url_and_serves_through_nginx(tmp_path: Path) -> None:
+    """``--redis sentinel``: a master, a replica and three sentinels; one ``redis:`` line names
+    the ``redis+sentinel://`` URL the instances use; a notification goes end to end through nginx;
+    SIGTERM stops every process it started."""
+    cluster = await asyncio.to_thread(start_cluster, tmp_path, 2, None, True, "--redis", "sentinel")
+    try:
+        with cluster.explained():
+            redis_lines = [line for line in cluster.printed if line.startswith("redis: ")]
+            assert redis_lines == [f"redis: {cluster.broker}"], cluster.printed
+            assert cluster.broker.startswith("redis+sentinel://") and cluster.broker.endswith("/notifier/0")
+            assert sorted(cluster.pids.values()) == [
+                "instance", "instance", "nginx", "redis-master", "redis-replica", "sentinel", "sentinel",
+                "sentinel",
+            ], cluster.pids
+            async with asyncio.timeout(30), client(cluster.url, "sentinel-reader") as ws, http() as poster:
+                sent = await post(poster, cluster.url, "news", {"via": "sentinel"})
+                last = await post(poster, cluster.url, "news", "last")
+                assert await received_before(ws, last) == [sent]
+    finally:
+        status = await asyncio.to_thread(stop_cluster, cluster)
+    assert status == 0, cluster.errors()
+    assert leftover_processes(cluster.pids) == []
+    assert not any(port_open(port) for port in cluster.ports)
+
+
+def test_local_cluster_redis_cluster_says_not_implemented_yet() -> None:
+    done = subprocess.run(
+        [sys.executable, str(LOCAL_CLUSTER), "--redis", "cluster"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == ["local-cluster: error: --redis cluster: not implemented yet"]
+    assert done.stdout == ""
 
 
 @pytest.mark.slow

@@ -21,8 +21,8 @@
  *   same `ref`; an `error` frame rejects with a NotifierError carrying its `code` and `message`.
  *   Requests made while disconnected wait for the next connection (up to `requestTimeout`).
  * - Reconnects with exponential backoff and jitter after any close (1001 drain, 1013 too slow,
- *   1006 network...), resuming with `since=<last id seen>` so nothing retained is missed, and
- *   with the topics it had joined. It gives up only on authentication failures: a 1008 close
+ *   1006 network...), resuming with its per-topic positions (`since=<topic>:<last id seen of
+ *   it>,...`, `client.positions`) so nothing retained is missed, and with the topics it had joined. It gives up only on authentication failures: a 1008 close
  *   (token expired) without `getToken`, or a refused handshake that an HTTP probe shows to be a
  *   401 (bad token) or 403 (no subscribe scope). A topic the server now refuses is dropped.
  * - With `getToken` (async, returns a fresh JWT), it refreshes the token before its `exp` and
@@ -79,7 +79,9 @@
      * @param {string} [options.url] server base URL, http(s):// or ws(s)://; default: this page's origin
      * @param {string[]} [options.topics] topics to join on connect (beside `broadcast` and `user:<sub>`)
      * @param {() => Promise<string>} [options.getToken] returns a fresh token; called before `exp`
-     * @param {string} [options.since] resume after this notification id (e.g. one saved earlier)
+     * @param {string|Object<string, string>} [options.since] resume after this notification id
+     *   (every topic), or each topic after its own position: `{topic: id}` (e.g. a saved
+     *   `client.positions`; a topic without one starts live, without recovery)
      * @param {number} [options.minDelay=500] first reconnect delay, ms (doubles each failure)
      * @param {number} [options.maxDelay=30000] longest reconnect delay, ms
      * @param {number} [options.pingInterval=25000] keepalive ping period, ms (0: none)
@@ -95,7 +97,25 @@
       this.token = options.token || null;
       this.getToken = options.getToken || null;
       this.topics = new Set(topicList(options.topics));
-      this.lastId = options.since != null ? String(options.since) : null;
+      // Per topic, the id of the newest notification of it seen (or the position it was last
+      // resumed from): sent as `since=<topic>:<id>,...` on every reconnect.
+      this.positions = Object.create(null); // topic names may be "__proto__"
+      this.lastId = null; // the newest id seen on any topic (or the one `since` given)
+      this.firstSince = null; // the one id of the first connection's `since`
+      this.resumedFrom = Object.create(null); // the positions the current connection was opened with
+      this.helloTopics = []; // every topic of the last `hello`, automatic ones included
+      this.connections = 0; // connections that reached `hello`
+      if (typeof options.since === "string" && options.since.includes(":")) {
+        // "<topic>:<id>,...", as the query has it: the id follows the last ":".
+        for (const item of options.since.split(",")) {
+          const colon = item.lastIndexOf(":"); // none: "" as the topic, which the server refuses
+          this.positions[colon < 0 ? "" : item.slice(0, colon)] = item.slice(colon + 1);
+        }
+      } else if (options.since != null && typeof options.since === "object") {
+        for (const [topic, id] of Object.entries(options.since)) this.positions[topic] = String(id);
+      } else if (options.since != null) {
+        this.lastId = this.firstSince = String(options.since);
+      }
       this.minDelay = options.minDelay ?? 500;
       this.maxDelay = options.maxDelay ?? 30000;
       this.pingInterval = options.pingInterval ?? 25000;
@@ -203,7 +223,8 @@
       const query = new URLSearchParams();
       if (this.token) query.set("token", this.token);
       if (this.topics.size) query.set("topics", [...this.topics].join(","));
-      if (this.lastId !== null) query.set("since", this.lastId);
+      const since = this.resumeSince();
+      if (since !== null) query.set("since", since);
       let ws;
       try {
         ws = new this.WebSocket(this.wsUrl + "?" + query);
@@ -216,6 +237,24 @@
       ws.onmessage = (ev) => ws === this.ws && this.receive(ev.data);
       ws.onerror = () => {}; // always followed by a close
       ws.onclose = (ev) => ws === this.ws && this.closed(ev.code, ev.reason, opened);
+    }
+
+    /**
+     * The `since` of the next handshake: the one id given, for the first connection; else
+     * `<topic>:<id>,...`, a position for each topic of the connection. A topic with none of its
+     * own (nothing received on it yet) resumes from the newest id seen on any topic, exact when
+     * ids increase across topics (one broker); with no id at all it is joined live. Null: none.
+     */
+    resumeSince() {
+      this.resumedFrom = Object.create(null);
+      if (this.firstSince !== null && !this.connections) return this.firstSince;
+      const topics = this.connections ? new Set([...this.helloTopics, ...this.topics]) : Object.keys(this.positions);
+      for (const topic of topics) {
+        const position = this.positions[topic] ?? (this.connections ? this.lastId : null);
+        if (position != null) this.resumedFrom[topic] = position;
+      }
+      const entries = Object.entries(this.resumedFrom);
+      return entries.length ? entries.map(([topic, id]) => `${topic}:${id}`).join(",") : null;
     }
 
     detach() {
@@ -313,11 +352,23 @@
       }
       if (frame.type === "notification") {
         if (idAfter(frame.id, this.lastId)) this.lastId = frame.id;
+        if (idAfter(frame.id, this.positions[frame.topic])) this.positions[frame.topic] = frame.id;
         this.emit("notification", frame);
       } else if (frame.type === "hello") {
         this.attempt = 0;
         this.session = frame.session;
         this.user = frame.user;
+        this.connections++;
+        this.helloTopics = Array.from(frame.topics || []);
+        // Every topic now resumes from where this connection started it (positions of topics no
+        // longer held are dropped), until a notification of it moves it on.
+        const positions = Object.create(null);
+        for (const topic of this.helloTopics) {
+          const position = this.positions[topic] ?? (this.firstSince ?? this.resumedFrom[topic]);
+          if (position != null) positions[topic] = position;
+        }
+        this.positions = positions;
+        this.firstSince = null;
         if ("recovered" in frame) this.recovered = frame.recovered;
         this.setState("connected", { session: frame.session });
         this.emit("hello", frame);
@@ -382,7 +433,11 @@
     async unsubscribe(topics) {
       const list = topicList(topics);
       this.intend(list);
-      for (const topic of list) this.topics.delete(topic);
+      for (const topic of list) {
+        this.topics.delete(topic);
+        delete this.positions[topic]; // not held any more: nothing to resume
+      }
+      this.helloTopics = this.helloTopics.filter((topic) => !list.includes(topic));
       if (this.stopped) return { type: "unsubscribed", topics: list };
       // Queued behind any subscribe still waiting for a connection, so the server ends up right.
       return this.request({ type: "unsubscribe", topics: list });
