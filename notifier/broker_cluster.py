@@ -193,8 +193,17 @@ class ClusterBroker(ShardLinks):
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 if key is not None:
-                    async with self._gate:
-                        first = await self._pub.get(self._names.request(key))
+                    # The request's key is in a slot of its own, most often on another shard
+                    # than the topics': that shard being down (a master killed, until its
+                    # replica is promoted) must not refuse topics on the shards that are up.
+                    # Each topic's own key still makes a retry publish it at most once; only a
+                    # key reused for another topic is not answered with its first answer then.
+                    first = None
+                    try:
+                        async with self._gate:
+                            first = await self._pub.get(self._names.request(key))
+                    except _REDIS_ERRORS:
+                        _check_cancelled()
                     if first is not None:
                         text = first.decode() if isinstance(first, bytes) else first
                         id_, ts_, named = text.split(" ", 2)

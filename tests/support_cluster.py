@@ -63,13 +63,7 @@ class ClusterSet:
 
     def start(self) -> ClusterSet:
         for port in self.ports:
-            self.procs[port] = subprocess.Popen(
-                [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self.dir, "--cluster-enabled", "yes",
-                 "--cluster-config-file", f"nodes-{port}.conf",
-                 "--cluster-node-timeout", str(self.node_timeout_ms)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            self.procs[port] = self._spawn(port)
         for port in self.ports:
             wait_until(lambda p=port: self._ping(p), 10, f"redis on port {port}")
         subprocess.run(
@@ -79,6 +73,15 @@ class ClusterSet:
         )  # fmt: skip
         wait_until(self.healthy, 30, "the cluster to be ok with a replica per master")
         return self
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--cluster-enabled", "yes",
+             "--cluster-config-file", f"nodes-{port}.conf",
+             "--cluster-node-timeout", str(self.node_timeout_ms)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     def _ping(self, port: int) -> bool:
         try:
@@ -132,6 +135,30 @@ class ClusterSet:
         wait_until(lambda: ask(replica, "INFO", "replication")["role"] == "master", 15, "the promotion")
         wait_until(self.healthy, 30, "the cluster to settle after the failover")
         return replica
+
+    def kill_master(self, master: int) -> tuple[int, float]:
+        """SIGKILL ``master``'s process (no coordination: its replica is promoted by the cluster
+        once ``node_timeout_ms`` has passed without an answer); returns the replica's port and
+        the seconds from the kill to its promotion."""
+        replica = self.replica_of(master)
+        killed = time.monotonic()
+        self.procs[master].kill()
+        self.procs[master].wait(10)
+        wait_until(
+            lambda: ask(replica, "INFO", "replication")["role"] == "master",
+            30 + self.node_timeout_ms / 1000,
+            "the replica's promotion after the master was killed",
+        )
+        return replica, time.monotonic() - killed
+
+    def restart(self, port: int) -> None:
+        """Start the node on ``port`` again with its own nodes.conf (no data: no persistence); a
+        master replaced meanwhile rejoins as its replacement's replica. Returns once the cluster
+        has three masters each with a synced replica again."""
+        assert self.procs[port].poll() is not None, "the node still runs"
+        self.procs[port] = self._spawn(port)
+        wait_until(lambda: self._ping(port), 10, f"redis on port {port} again")
+        wait_until(self.healthy, 60, "the cluster to be ok with a replica per master again")
 
     def stop(self) -> None:
         for proc in self.procs.values():

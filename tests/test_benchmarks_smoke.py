@@ -74,3 +74,20 @@ def test_every_scenario_prints_a_json_line_and_loses_nothing(tmp_path: Path) -> 
     results = json.loads((tmp_path / "latest.json").read_text())
     assert len(results["runs"]) == len(lines)
     assert (tmp_path / "latest.md").read_text().count("| notifier") >= 1
+
+
+def test_broker_cost_prints_the_table() -> None:
+    """benchmarks/broker_cost.py (docs/performance.md, "Broker side: one Redis vs three shards"),
+    tiny: one Redis, a one-node cluster and three shards, one round each."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    if shutil.which("redis-server", path=search) is None or shutil.which("redis-cli", path=search) is None:
+        pytest.skip("the benchmark needs redis-server and redis-cli")
+    argv = [sys.executable, "-m", "benchmarks.broker_cost", "--count", "200", "--repeat", "1", "--json"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"status {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert "| one Redis |" in done.stdout and "| 3-shard cluster (total) |" in done.stdout, done.stdout
+    result = json.loads(done.stdout.splitlines()[-1])
+    cluster = result["summary"]["cluster"]
+    assert len(cluster["shard_share"]) == 3 and abs(sum(cluster["shard_share"]) - 1) < 1e-6, cluster
+    assert all(share > 0 for share in cluster["shard_calls_share"]), cluster
+    assert sum(len(runs) for runs in result["runs"].values()) == 3

@@ -3,7 +3,8 @@ each. Two brokers stand for two instances; topics are picked so that every shard
 
 The conformance suite runs on the cluster too (tests/test_broker_conformance.py, ``cluster``);
 this module covers what only a cluster has: per-topic ids and positions, a shard's failover
-(``CLUSTER FAILOVER``) while publishing, and a slot migration while publishing.
+(``CLUSTER FAILOVER``, and a master killed) while publishing, and a slot migration while
+publishing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -354,3 +358,152 @@ async def test_a_killed_shard_link_is_rebuilt_and_its_topics_filled_in_order_the
         # history cannot vouch for a gap (conservative; no socket is on it).
         assert lost_topics(inbox) - {CONTROL_TOPIC} == set()
         assert inbox.resyncs  # the victim's link was rebuilt and reported
+
+
+class TimedPublisher(Publisher):
+    """A Publisher that also notes when each id was accepted, and for each POST that was refused
+    at least once the moment of its first attempt and the seconds until it was accepted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.why: Counter[str] = Counter()  # the refusals' reasons (their bodies' details)
+        post = self.http.post
+
+        async def noted(*a: Any, **kw: Any) -> httpx.Response:
+            response = await post(*a, **kw)
+            if response.status_code != 202:
+                self.why[str(response.json().get("detail", response.text))[:160]] += 1
+            return response
+
+        self.http = cast(httpx.AsyncClient, SimpleNamespace(post=noted))
+        self.accepted_at: dict[int, float] = {}
+        self.refused: list[tuple[float, float]] = []  # (first attempt, seconds until accepted)
+        self.slowest = 0.0  # the longest any one POST took, first attempt to 202
+
+    async def _post_until_accepted(self, n: int) -> int:
+        started, before = time.monotonic(), sum(self.refusals.values())
+        id_ = await super()._post_until_accepted(n)
+        self.accepted_at[id_] = now = time.monotonic()
+        self.slowest = max(self.slowest, now - started)
+        if sum(self.refusals.values()) > before:
+            self.refused.append((started, now - started))
+        return id_
+
+
+class TimedIds(list[int]):
+    """A follower's ids, noting when each first arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: dict[int, float] = {}
+
+    def append(self, id_: int) -> None:
+        self.at.setdefault(id_, time.monotonic())
+        super().append(id_)
+
+
+async def test_a_killed_shard_master_under_posts_is_replaced_within_30s_other_shards_untouched_nothing_lost(
+    cluster: ClusterSet,
+) -> None:
+    """Injected: SIGKILL of one shard's master (no coordination: the cluster promotes its replica
+    after ``cluster-node-timeout``) while a publisher POSTs every 20 ms to one topic per shard
+    through instance A, and a follower per topic reads it through instance B.
+
+    Arrived: the killed shard's topic takes POSTs again, and both /readyz answer 200, within 30 s
+    of the kill; the other shards' POSTs are never refused (nor held) more than 5 s in a row,
+    their followers keep their socket (no 1012) and get each id within 5 s of its 202; every
+    follower ends with every accepted id exactly once, in order; ids per topic increase.
+    """
+    shards = topics_per_shard(cluster, 1)
+    victim = next(p for p in sorted(shards) if p != cluster.owner("notifier:{broadcast}"))
+    subs: dict[int, str] = {}
+    while len(subs) < len(shards):
+        sub = f"f-{uuid.uuid4().hex[:8]}"
+        subs.setdefault(cluster.owner(f"notifier:{{user:{sub}}}"), sub)
+    env = {"NOTIFIER_BROKER_URL": cluster.url, "NOTIFIER_JWT_SECRET": SECRET}
+    a, b = Instance(env), Instance(env)
+    readiness: list[tuple[float, bool]] = []  # (when, both /readyz 200)
+    try:
+        async with instances_running(a, b), httpx.AsyncClient(timeout=60, trust_env=False) as http:
+
+            async def watch_readiness() -> None:
+                while True:
+                    try:
+                        answers = [await http.get(i.url + "/readyz", timeout=2) for i in (a, b)]
+                        both = all(r.status_code == 200 for r in answers)
+                    except httpx.HTTPError:
+                        both = False
+                    readiness.append((time.monotonic(), both))
+                    await asyncio.sleep(0.1)
+
+            followers = {
+                port: Follower(b, mint_token(subs[port], ("subscribe",)), ts[0])
+                for port, ts in shards.items()
+            }
+            for f in followers.values():
+                f.ids = TimedIds()
+            readers = [asyncio.create_task(f.run()) for f in followers.values()]
+            watcher = asyncio.create_task(watch_readiness())
+            try:
+                for f in followers.values():
+                    await eventually(f.ready.is_set, "a follower's hello", 20, readers)
+                publishers = {
+                    port: TimedPublisher(
+                        http, a.url, ts[0], frozenset({503}), pace=0.02, limit=5000, patience=40
+                    )
+                    for port, ts in shards.items()
+                }
+                writers = [p.start() for p in publishers.values()]
+                posted = lambda: all(len(p.accepted) >= 30 for p in publishers.values())  # noqa: E731
+                await eventually(posted, "30 posts per topic", 30, writers)
+                killed = time.monotonic()
+                _replica, promoted = await asyncio.to_thread(cluster.kill_master, victim)
+                counts = {port: len(p.accepted) for port, p in publishers.items()}
+                await eventually(
+                    lambda: all(len(p.accepted) >= counts[port] + 50 for port, p in publishers.items()),
+                    "50 more posts on every shard after the promotion", 30, writers,
+                )  # fmt: skip
+                await eventually(
+                    lambda: readiness[-1][0] > killed and readiness[-1][1], "both /readyz 200", 30, [watcher]
+                )
+                accepted = {port: await p.finish() for port, p in publishers.items()}
+                for port, follower in followers.items():
+                    got = lambda f=follower, p=port: f.ids[-1:] == accepted[p][-1:]  # noqa: E731
+                    await eventually(got, "the last notification", 30, readers)
+            finally:
+                for task in [*readers, watcher]:
+                    task.cancel()
+                await asyncio.gather(*readers, watcher, return_exceptions=True)
+    finally:
+        if cluster.procs[victim].poll() is not None:
+            await asyncio.to_thread(cluster.restart, victim)  # the module's cluster, whole again
+
+    # When the killed shard's topic took POSTs again: the end of its last refusal after the kill.
+    back = max((s + d for s, d in publishers[victim].refused if s + d > killed), default=killed) - killed
+    not_ready = [t for t, both in readiness if t > killed and not both]
+    ready = (max(not_ready) - killed + 0.1) if not_ready else 0.0
+    late = {
+        port: max((f.ids.at[i] - publishers[port].accepted_at[i] for i in f.ids), default=0.0)  # type: ignore[attr-defined]
+        for port, f in followers.items()
+    }
+    print(
+        f"\n[cluster kill] shard {victim}: replica promoted {promoted:.2f} s after the SIGKILL; its "
+        f"POSTs accepted again after {back:.2f} s; both /readyz 200 after {ready:.2f} s "
+        f"(not 200 for {len(not_ready)} polls); refusals "
+        f"{ {port: dict(p.refusals) for port, p in publishers.items()} }; slowest POST "
+        f"{ {port: round(p.slowest, 2) for port, p in publishers.items()} }; latest delivery "
+        f"{ {port: round(s, 2) for port, s in late.items()} }; 1012 reconnects "
+        f"{ {port: f.restarts for port, f in followers.items()} }; accepted "
+        f"{ {port: len(ids) for port, ids in accepted.items()} }; refused (from s after the kill, for s) "
+        f"{ {port: [(round(s - killed, 2), round(d, 2)) for s, d in p.refused] for port, p in publishers.items()} }"  # noqa: E501
+        f"; why {[dict(p.why) for p in publishers.values()]}"
+    )
+    assert back <= 30 and ready <= 30, (back, ready)
+    for port, follower in followers.items():
+        assert accepted[port] == sorted(set(accepted[port]))
+        missing = sorted(set(accepted[port]) - set(follower.ids))
+        assert follower.ids == accepted[port], (port, missing, b.output()[-4000:])
+        if port != victim:
+            assert follower.restarts == [], b.output()[-4000:]
+            assert publishers[port].slowest <= 5.0, (port, publishers[port].refused, a.output()[-4000:])
+            assert late[port] <= 5.0, (port, late[port])

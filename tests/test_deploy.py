@@ -42,6 +42,9 @@ LINE = re.compile(
     r"^(redis|redis-master|redis-replica|sentinel|instance|nginx|prometheus): (\S+) \(pid (\d+)\)$"
 )
 SERVICES = {"redis", "notifier1", "notifier2", "notifier3", "nginx", "prometheus", "grafana"}
+CLUSTER_COMPOSE_FILE = ROOT / "deploy" / "docker-compose.cluster.yml"
+REDIS_NODES = {f"redis-{n}" for n in range(1, 7)}
+CLUSTER_SERVICES = (SERVICES - {"redis"}) | REDIS_NODES | {"redis-cluster-init"}
 
 
 def token(sub: str, scope: str = "subscribe publish") -> str:
@@ -467,13 +470,47 @@ async def test_local_cluster_with_sentinel_prints_its_url_and_serves_through_ngi
     assert not any(port_open(port) for port in cluster.ports)
 
 
-def test_local_cluster_redis_cluster_says_not_implemented_yet() -> None:
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_local_cluster_with_redis_cluster_prints_its_url_and_serves(tmp_path: Path) -> None:
+    """``--redis cluster``: six cluster-enabled redis-servers (three masters, one replica each);
+    one ``redis:`` line names the ``redis+cluster://`` URL of the masters, which the instances
+    use; a notification goes end to end through nginx; SIGTERM stops every process it started."""
+    cluster = await asyncio.to_thread(start_cluster, tmp_path, 2, None, True, "--redis", "cluster")
+    try:
+        with cluster.explained():
+            redis_lines = [line for line in cluster.printed if line.startswith("redis: ")]
+            assert redis_lines == [f"redis: {cluster.broker}"], cluster.printed
+            assert sorted(cluster.pids.values()) == [
+                "instance", "instance", "nginx", *["redis-master"] * 3, *["redis-replica"] * 3,
+            ], cluster.pids
+            masters = [line.split()[1] for line in cluster.printed if line.startswith("redis-master: ")]
+            assert cluster.broker == "redis+cluster://" + ",".join(
+                m.removeprefix("redis://") for m in masters
+            ), cluster.printed
+            nodes = [port for port, kind in zip(cluster.ports, cluster.pids.values(), strict=True)
+                     if kind.startswith("redis-")]
+            assert len(nodes) == 6 and all(port < 55536 and port_open(port + 10000) for port in nodes)
+            async with asyncio.timeout(30), client(cluster.url, "cluster-reader") as ws, http() as poster:
+                sent = await post(poster, cluster.url, "news", {"via": "cluster"})
+                last = await post(poster, cluster.url, "news", "last")
+                assert await received_before(ws, last) == [sent]
+    finally:
+        status = await asyncio.to_thread(stop_cluster, cluster)
+    assert status == 0, cluster.errors()
+    assert leftover_processes(cluster.pids) == []
+    assert not any(port_open(port) for port in cluster.ports)
+    assert cluster.logs is not None and not cluster.logs.exists()
+
+
+def test_local_cluster_redis_cluster_refuses_a_port_without_room_for_its_bus() -> None:
     done = subprocess.run(
-        [sys.executable, str(LOCAL_CLUSTER), "--redis", "cluster"],
+        [sys.executable, str(LOCAL_CLUSTER), "--redis", "cluster", "--redis-port", "60000"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines() == ["local-cluster: error: --redis cluster: not implemented yet"]
+    assert done.returncode == 2
+    assert "--redis-port: with --redis cluster, must be below 55536" in done.stderr, done.stderr
     assert done.stdout == ""
 
 
@@ -579,6 +616,66 @@ def test_compose_config_validates_and_needs_the_secret(tmp_path: Path) -> None:
     assert valid.returncode == 0, valid.stderr
     services = subprocess.run([*command, "--services"], env=env, capture_output=True, text=True, timeout=60)
     assert set(services.stdout.split()) == SERVICES
+
+
+def test_cluster_compose_config_validates_and_needs_the_secret(tmp_path: Path) -> None:
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    env_file = tmp_path / "empty.env"  # keep a developer's .env out of it
+    env_file.write_text("")
+    command = [compose, "--env-file", str(env_file), "-f", str(CLUSTER_COMPOSE_FILE), "config"]
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFIER_JWT_SECRET"}
+
+    without = subprocess.run([*command, "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert without.returncode != 0 and "NOTIFIER_JWT_SECRET" in without.stderr, without.stderr
+
+    env["NOTIFIER_JWT_SECRET"] = SECRET
+    valid = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert valid.returncode == 0, valid.stderr
+    services = subprocess.run([*command, "--services"], env=env, capture_output=True, text=True, timeout=60)
+    assert set(services.stdout.split()) == CLUSTER_SERVICES
+    # Paths are relative to deploy/: they must land on the repository's files.
+    resolved = yaml.safe_load(valid.stdout)["services"]
+    assert Path(resolved["notifier1"]["build"]["context"]).resolve() == ROOT.resolve()
+    mounts = [str(v.get("source") if isinstance(v, dict) else v.split(":")[0])
+              for name in ("nginx", "prometheus", "grafana") for v in resolved[name]["volumes"]]
+    for needed in ("nginx.conf", "deploy/prometheus.yml", "deploy/grafana/dashboards"):
+        assert (ROOT / needed).exists() and str((ROOT / needed).resolve()) in mounts, (needed, mounts)
+
+
+def test_cluster_compose_runs_six_cluster_nodes_a_one_shot_create_and_the_instances_on_them() -> None:
+    services: dict[str, Any] = yaml.safe_load(CLUSTER_COMPOSE_FILE.read_text())["services"]
+    assert set(services) == CLUSTER_SERVICES
+    assert {name for name, service in services.items() if service.get("ports")} == {
+        "nginx", "prometheus", "grafana"
+    }
+    for name in sorted(REDIS_NODES):
+        node = services[name]
+        command = " ".join(node["command"])
+        for flag in ("--cluster-enabled yes", "--appendonly yes", "--maxmemory-policy noeviction"):
+            assert flag in command, (name, flag)
+        assert re.search(r"--maxmemory \d+mb", command), name
+        assert "healthcheck" in node and node["hostname"] == name
+    init = services["redis-cluster-init"]
+    script = " ".join(init["command"])
+    assert "--cluster create" in script and "--cluster-replicas 1" in script and "--cluster-yes" in script
+    assert "cluster_state:ok" in script
+    assert init["restart"] == "no"
+    assert {name: dep["condition"] for name, dep in init["depends_on"].items()} == {
+        name: "service_healthy" for name in REDIS_NODES
+    }
+    instances = sorted(name for name in services if name.startswith("notifier"))
+    assert instances == ["notifier1", "notifier2", "notifier3"]
+    for name in instances:
+        env = services[name]["environment"]
+        assert env["NOTIFIER_BROKER_URL"] == "redis+cluster://redis-1:6379,redis-2:6379,redis-3:6379"
+        assert env["NOTIFIER_JWT_SECRET"].startswith("${NOTIFIER_JWT_SECRET:?")
+        assert services[name]["depends_on"] == {
+            "redis-cluster-init": {"condition": "service_completed_successfully"}
+        }
+    upstreams = services["nginx"]["environment"]["NOTIFIER_UPSTREAMS"]
+    assert re.findall(r"server (\S+);", upstreams) == [f"{name}:8000" for name in instances]
 
 
 def test_compose_publishes_ports_only_for_nginx_prometheus_and_grafana() -> None:
