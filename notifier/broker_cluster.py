@@ -72,7 +72,7 @@ from notifier.redis_cluster import (
     parse_cluster_url,
 )
 from notifier.redis_cluster_links import ShardLinks
-from notifier.redis_history import SESSION_LUA, HistoryReader
+from notifier.redis_history import SESSION_LUA, HistoryReader, parse_rejections
 from notifier.redis_topology import no_retry
 
 MANY_CONCURRENCY = 32  # script calls in flight for one publish to many topics
@@ -259,9 +259,4 @@ class ClusterBroker(ShardLinks):
         except _REDIS_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {_why(exc)}") from None
-        now, found = time.time(), {}
-        for sub, value in stored.items():
-            before, until = (int(v) for v in value.split())
-            if until > now:
-                found[sub.decode() if isinstance(sub, bytes) else sub] = (before, until)
-        return found
+        return parse_rejections(stored, time.time())

@@ -49,6 +49,7 @@ from notifier.redis_history import (
     SESSION_LUA,
     TRIMMED_PREFIX,
     HistoryReader,
+    parse_rejections,
 )
 from notifier.redis_topology import connect
 
@@ -272,12 +273,7 @@ class RedisBroker:
         except _REDIS_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
-        now, found = time.time(), {}
-        for sub, value in stored.items():
-            before, until = (int(v) for v in value.split())
-            if until > now:
-                found[sub.decode() if isinstance(sub, bytes) else sub] = (before, until)
-        return found
+        return parse_rejections(stored, time.time())
 
     async def subscribe(self, topic: str) -> None:
         await self._command("subscribe", topic)

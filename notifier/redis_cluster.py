@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from notifier.redis_history import PREFIX, PUBLISH_LUA, SESSION_LUA, KeyNames
+from notifier.redis_topology import hosts_and_credentials
 
 CLUSTER_SCHEME = "redis+cluster://"
 
@@ -111,19 +112,5 @@ def parse_cluster_url(url: str) -> ClusterURL:
         raise ValueError("takes no query string or fragment")
     if parts.path.strip("/"):
         raise ValueError("takes no path: a cluster has one database")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if credentials:
-        user, has_password, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if has_password else None
-    nodes: list[tuple[str, int]] = []
-    for address in hosts.split(","):
-        host, colon, port = address.strip().rpartition(":")
-        if not colon or not host:
-            raise ValueError(f"each seed node must be host:port, got {address.strip()!r}")
-        host = host.removeprefix("[").removesuffix("]")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"the port of {address.strip()!r} must be a number from 1 to 65535")
-        nodes.append((host, int(port)))
+    username, password, nodes = hosts_and_credentials(parts.netloc, "seed node")
     return ClusterURL(tuple(nodes), username, password)

@@ -178,6 +178,16 @@ end
 return redis.call('GET', KEYS[1]) or redis.call('GET', KEYS[2])
 """
 
+def parse_rejections(stored: dict[Any, Any], now: float) -> dict[str, tuple[int, int]]:
+    """The rejections hash (sub -> "<before> <until>") as a dict, without the ones over."""
+    found: dict[str, tuple[int, int]] = {}
+    for sub, value in stored.items():
+        before, until = (int(v) for v in value.split())
+        if until > now:
+            found[sub.decode() if isinstance(sub, bytes) else sub] = (before, until)
+    return found
+
+
 FIRST_CHUNK = 16  # entries of a history read's first chunk when its bytes are bounded
 
 

@@ -54,6 +54,29 @@ class SentinelURL:
     password: str | None
 
 
+def hosts_and_credentials(
+    netloc: str, what: str
+) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[[user]:password@]host:port[,host:port...]`` as (user, password, addresses); ValueError
+    (one line, no secret) naming ``what`` each address is when one is malformed."""
+    credentials, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if credentials:
+        user, has_password, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    addresses: list[tuple[str, int]] = []
+    for address in hosts.split(","):
+        host, colon, port = address.strip().rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"each {what} must be host:port, got {address.strip()!r}")
+        host = host.removeprefix("[").removesuffix("]")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"the port of {address.strip()!r} must be a number from 1 to 65535")
+        addresses.append((host, int(port)))
+    return username, password, addresses
+
+
 def parse_sentinel_url(url: str) -> SentinelURL:
     """The parts of a ``redis+sentinel://`` URL; ValueError (one line, no secret) when malformed."""
     if not url.startswith(SENTINEL_SCHEME):
@@ -61,21 +84,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     parts = urlsplit(url)
     if parts.query or parts.fragment:
         raise ValueError("takes no query string or fragment")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if credentials:
-        user, has_password, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if has_password else None
-    sentinels: list[tuple[str, int]] = []
-    for address in hosts.split(","):
-        host, colon, port = address.strip().rpartition(":")
-        if not colon or not host:
-            raise ValueError(f"each sentinel must be host:port, got {address.strip()!r}")
-        host = host.removeprefix("[").removesuffix("]")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"the port of {address.strip()!r} must be a number from 1 to 65535")
-        sentinels.append((host, int(port)))
+    username, password, sentinels = hosts_and_credentials(parts.netloc, "sentinel")
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ValueError("names no master: add /<master name> after the sentinels")
