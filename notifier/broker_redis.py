@@ -64,10 +64,12 @@ PUBLISH_CONNECTIONS = 32  # per node; Redis runs scripts one at a time anyway
 # bytes of frames: Redis runs nothing else during one, so each keeps others' latency low.
 MANY_TOPICS_PER_CALL, MANY_BYTES_PER_CALL = 100, 1 << 20
 DEADLINE_MARGIN = 0.25  # seconds the script's deadline keeps before our own timeout fires
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+# Capped at 2 s: every second the link is down is a second of notifications to fill in after.
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
 # After a lost link: topics read back per pipeline, and entries per topic delivered from
 # history; a topic that missed more than that (or whose history lost some) gets 1012.
-GAP_TOPICS_PER_READ, GAP_ENTRIES = 32, 64
+# (both bound what a fill holds at once: 8 x 257 entries, in practice far less than 1 MiB each).
+GAP_TOPICS_PER_READ, GAP_ENTRIES, GAP_BYTES = 8, 256, 1 << 20
 GAP_BUFFER_BYTES = 16 << 20  # live messages held while the gap is filled; beyond: 1012 for all
 
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
@@ -409,7 +411,7 @@ class RedisBroker:
             chunk = topics[start : start + GAP_TOPICS_PER_READ]
             positions = {t: max(self._filled.get(t, 0), self._gap_from) for t in chunk}
             async with asyncio.timeout(PUBLISH_TIMEOUT):
-                gaps = await self._reader.gaps(positions, GAP_ENTRIES)
+                gaps = await self._reader.gaps(positions, GAP_ENTRIES, GAP_BYTES)
             for topic, missed in gaps.items():
                 if missed is None:
                     lost.append(topic)

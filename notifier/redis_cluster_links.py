@@ -27,6 +27,7 @@ from notifier.broker_redis import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     GAP_BUFFER_BYTES,
+    GAP_BYTES,
     GAP_ENTRIES,
     GAP_TOPICS_PER_READ,
     PROBE_INTERVAL,
@@ -223,7 +224,7 @@ class ShardLinks:
             chunk = topics[start : start + GAP_TOPICS_PER_READ]
             positions = {t: self._last.get(t, 0) for t in chunk}
             async with asyncio.timeout(PUBLISH_TIMEOUT), self._gate:
-                gaps = await self._reader.gaps(positions, GAP_ENTRIES)
+                gaps = await self._reader.gaps(positions, GAP_ENTRIES, GAP_BYTES)
             for topic, missed in gaps.items():
                 if missed is None or self._held.get(topic, []) is None:
                     lost.append(topic)

@@ -292,10 +292,11 @@ class HistoryReader:
         return History(found, whole, more)
 
     async def gaps(
-        self, positions: dict[str, int], most: int
+        self, positions: dict[str, int], most: int, most_bytes: int = UNBOUNDED
     ) -> dict[str, list[Notification] | None]:
-        """For each topic, what was published after its position (at most ``most``), or None
-        when that cannot be told whole (more than ``most``, or some of it lost)."""
+        """For each topic, what was published after its position (at most ``most`` notifications
+        of ``most_bytes`` of frames: more is for its subscribers to recover at their own pace),
+        or None when that cannot be given whole (too much, or some of it lost)."""
         # The epoch and the clock are read per topic: with Redis Cluster each topic has its own
         # epoch, on its own server.
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -314,5 +315,6 @@ class HistoryReader:
             if len(entries) > most or not complete(since, book):
                 answer[topic] = None
             else:
-                answer[topic] = [Notification.from_envelope(topic, f[b"n"]) for _i, f in entries]
+                missed = [Notification.from_envelope(topic, f[b"n"]) for _i, f in entries]
+                answer[topic] = missed if sum(n.size for n in missed) <= most_bytes else None
         return answer
