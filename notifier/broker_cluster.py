@@ -75,6 +75,12 @@ from notifier.redis_cluster_links import ShardLinks
 from notifier.redis_history import SESSION_LUA, HistoryReader, parse_rejections
 from notifier.redis_topology import no_retry
 
+# redis-py 8.1's async cluster client can raise AttributeError ("'NoneType' object has no
+# attribute 'writelines'") when a node's connection is torn down while another task reconnects
+# it (seen when a master is SIGKILLed under load). It happens while connecting, before the
+# command is sent: treated as the node being unavailable (503, nothing published).
+_CLUSTER_ERRORS = (*_REDIS_ERRORS, AttributeError)
+
 MANY_CONCURRENCY = 32  # script calls in flight for one publish to many topics
 
 
@@ -186,7 +192,7 @@ class ClusterBroker(ShardLinks):
                     return
                 try:
                     answers[index] = await self._publish_one(topics[index], data_json, ts, key, deadline)
-                except _REDIS_ERRORS as exc:
+                except _CLUSTER_ERRORS as exc:
                     _check_cancelled()
                     failure = failure or exc
 
@@ -202,7 +208,7 @@ class ClusterBroker(ShardLinks):
                     try:
                         async with self._gate:
                             first = await self._pub.get(self._names.request(key))
-                    except _REDIS_ERRORS:
+                    except _CLUSTER_ERRORS:
                         _check_cancelled()
                     if first is not None:
                         text = first.decode() if isinstance(first, bytes) else first
@@ -213,7 +219,7 @@ class ClusterBroker(ShardLinks):
                         if named in topics:
                             answers[topics.index(named)] = given
                 await asyncio.gather(*(one(i) for i in range(len(topics)) if answers[i] is None))
-        except _REDIS_ERRORS as exc:
+        except _CLUSTER_ERRORS as exc:
             _check_cancelled()
             failure = failure or exc
         done = [a for a in answers if a is not None]
@@ -225,7 +231,7 @@ class ClusterBroker(ShardLinks):
                     a = done[0]
                     await self._pub.set(self._names.request(key), f"{a.id} {a.ts} {a.topic}",
                                         ex=IDEMPOTENCY_TTL, nx=True)  # fmt: skip
-            except _REDIS_ERRORS:
+            except _CLUSTER_ERRORS:
                 _check_cancelled()
         if failure is not None or len(done) < len(topics):
             why = f"redis: {_why(failure) if failure else 'too slow'}"
@@ -240,7 +246,7 @@ class ClusterBroker(ShardLinks):
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT), self._gate:
                 return await self._reader.read(topic, since, limit, max_bytes)
-        except _REDIS_ERRORS as exc:
+        except _CLUSTER_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {_why(exc)}") from None
 
@@ -248,7 +254,7 @@ class ClusterBroker(ShardLinks):
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 await self._reject_script(keys=[REJECTIONS_KEY], args=[sub, f"{before} {until}", until])
-        except _REDIS_ERRORS as exc:
+        except _CLUSTER_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {_why(exc)}") from None
 
@@ -256,7 +262,7 @@ class ClusterBroker(ShardLinks):
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 stored = await self._pub.hgetall(REJECTIONS_KEY)
-        except _REDIS_ERRORS as exc:
+        except _CLUSTER_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {_why(exc)}") from None
         return parse_rejections(stored, time.time())
