@@ -146,8 +146,7 @@ class ClusterBroker(ShardLinks):
         self, topic: str, data_json: bytes, ts: int, key: str | None, deadline: str
     ) -> Accepted:
         k = self._names.key
-        keys = [k(topic, "seq"), k(topic, "epoch"), self._names.channel(topic), k(topic, "history"),
-                k(topic, "trimmed")]  # fmt: skip
+        keys = [k(topic, "seq"), k(topic, "epoch"), self._names.channel(topic), k(topic, "history")]
         if key is not None:
             # Idempotency is per topic: a key counts for the topic it was used with (the same
             # name publish_many gives that topic), in the topic's slot.
@@ -240,9 +239,7 @@ class ClusterBroker(ShardLinks):
             raise PartlyPublished(why, done)
         return done
 
-    async def history(
-        self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
-    ) -> History:
+    async def history(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT), self._gate:
                 return await self._reader.read(topic, since, limit, max_bytes)

@@ -34,20 +34,22 @@ from notifier.broker import (
     topic_idempotency_key,
 )
 from notifier.errors import BrokerUnavailable
-from notifier.protocol import Accepted, Notification, notification_tail
+from notifier.protocol import Accepted, Notification, notification_tail, ws_text_frame
+from notifier.redis_batch import Pending, PublishBatcher
 from notifier.redis_history import (
     CHANNEL_PREFIX,
     EPOCH_KEY,
     HISTORY_PREFIX,
     IDEMPOTENCY_PREFIX,
+    MANY_CHANNEL,
     MASTER_KEY,
+    PREFIX,
     PROBE_PREFIX,
-    PUBLISH_LUA,
+    PUBLISH_BATCH_LUA,
     PUBLISH_MANY_LUA,
     REJECTIONS_KEY,
     SEQ_KEY,
     SESSION_LUA,
-    TRIMMED_PREFIX,
     HistoryReader,
     parse_rejections,
 )
@@ -73,6 +75,8 @@ GAP_TOPICS_PER_READ, GAP_ENTRIES, GAP_BYTES = 8, 256, 1 << 20
 GAP_BUFFER_BYTES = 16 << 20  # live messages held while the gap is filled; beyond: 1012 for all
 
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+_MANY = MANY_CHANNEL.encode()
+UNKEYED = PREFIX + "unkeyed"  # PUBLISH_BATCH_LUA's key for a publish without idempotency key: never written
 
 
 def _check_cancelled() -> None:
@@ -132,7 +136,8 @@ class RedisBroker:
         )
         self._pub: Redis = self._topology.publisher
         self._sub: Redis = self._topology.subscriber
-        self._script = self._pub.register_script(PUBLISH_LUA)
+        self._batch_script = self._pub.register_script(PUBLISH_BATCH_LUA)
+        self._batcher = PublishBatcher(self._publish_batch)
         self._many_script = self._pub.register_script(PUBLISH_MANY_LUA)
         self._session_script = self._pub.register_script(SESSION_LUA)
         self._reader = HistoryReader(self._pub, history_size, history_ttl)
@@ -151,6 +156,10 @@ class RedisBroker:
         self._topics: set[str] = {CONTROL_TOPIC}  # held from the start (notifier.broker)
         self._pubsub: PubSub | None = None
         self._waiters: dict[tuple[str, bytes], deque[asyncio.Future[None]]] = defaultdict(deque)
+        # (UN)SUBSCRIBEs waiting for the loop's next turn, by kind (a dict: ordered, no repeats),
+        # and the tasks sending them.
+        self._outbox: dict[str, dict[bytes, None]] = {}
+        self._commands: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         # Set by close(): the background loops stop on it even if a cancellation was swallowed.
@@ -173,38 +182,51 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._stop.set()
-        for task in (self._prober, self._listener):
+        for task in (self._prober, self._listener, *self._commands):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._set_connected(False)
+        await self._batcher.close()
         await self._topology.aclose()
 
     async def publish(
         self, topic: str, data_json: bytes, ts: int, idempotency_key: str | None = None
     ) -> Accepted:
-        keys = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic]
-        if idempotency_key is not None:
-            keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
+        if self._clock_offset is None:
+            raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         tail = notification_tail(topic, data_json, ts)
+        return await self._batcher.submit(topic, tail, ts, idempotency_key)
+
+    async def _publish_batch(self, batch: list[Pending]) -> list[Accepted]:
+        """One PUBLISH_BATCH_LUA call for the publishes of one loop iteration (notifier.redis_batch)."""
         if self._clock_offset is None:
             raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         # A publish that reaches Redis after we answered 503 must not happen: the script refuses
         # past this deadline, set in Redis's own clock a margin before our timeout fires.
         deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
-        args: list[Any] = [
-            tail, ts, IDEMPOTENCY_TTL, topic, self._history_size, deadline, self._history_ttl
-        ]
+        keys = [SEQ_KEY, EPOCH_KEY]
+        args: list[Any] = [deadline, self._history_size, self._history_ttl, IDEMPOTENCY_TTL]
+        for item in batch:
+            keys += (
+                CHANNEL_PREFIX + item.topic,
+                HISTORY_PREFIX + item.topic,
+                UNKEYED if item.key is None else IDEMPOTENCY_PREFIX + item.key,
+            )
+            args += (item.topic, item.tail, item.ts, "0" if item.key is None else "1")
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
-                answer, outcome = await self._script(keys=keys, args=args)
+                reply = await self._batch_script(keys=keys, args=args)
         except _REDIS_ERRORS as exc:
             _check_cancelled()
             raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
-        if outcome == 2:
+        if reply[0] == 2:
             raise BrokerUnavailable("redis: too slow to answer; nothing published")
-        id_, ts_, topic_ = answer.split(b" ", 2)
-        return Accepted(int(id_), topic_.decode(), int(ts_), repeated=outcome == 1)
+        answers: list[Accepted] = []
+        for index in range(len(batch)):
+            id_, ts_, topic_ = reply[1 + 2 * index].split(b" ", 2)
+            answers.append(Accepted(int(id_), topic_.decode(), int(ts_), repeated=reply[2 + 2 * index] == 1))
+        return answers
 
     async def publish_many(
         self, topics: list[str], data_json: bytes, ts: int, idempotency_key: str | None = None
@@ -213,18 +235,18 @@ class RedisBroker:
             raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         # One deadline for every call: nothing is published after the caller answered 503.
         deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
-        per = 3 if idempotency_key is None else 4
+        per = 1 if idempotency_key is None else 2
         step = max(1, min(MANY_TOPICS_PER_CALL, MANY_BYTES_PER_CALL // (len(data_json) + 200)))
         answers: list[Accepted] = []
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 for start in range(0, len(topics), step):
                     part = topics[start : start + step]
-                    keys = [SEQ_KEY, EPOCH_KEY]
+                    keys = [SEQ_KEY, EPOCH_KEY, MANY_CHANNEL]
                     if idempotency_key is not None:
                         keys.append(IDEMPOTENCY_PREFIX + idempotency_key)
                     for topic in part:
-                        keys += (CHANNEL_PREFIX + topic, HISTORY_PREFIX + topic, TRIMMED_PREFIX + topic)
+                        keys.append(HISTORY_PREFIX + topic)
                         if idempotency_key is not None:
                             keys.append(IDEMPOTENCY_PREFIX + topic_idempotency_key(idempotency_key, topic))
                     args: list[Any] = [
@@ -234,9 +256,13 @@ class RedisBroker:
                     reply = await self._many_script(keys=keys, args=args)
                     if reply[0] == 2:
                         break
-                    for repeated, answer in zip(reply[1], reply[2:], strict=True):
+                    given = reply[3:] if reply[0] == 3 else reply[2:]
+                    for repeated, answer in zip(reply[1], given, strict=True):
                         id_, ts_, topic_ = answer.split(b" ", 2)
                         answers.append(Accepted(int(id_), topic_.decode(), int(ts_), repeated == ord("1")))
+                    if reply[0] == 3:
+                        error = reply[2].decode(errors="replace")
+                        raise PartlyPublished(f"redis: {error}; some may have been published", answers)
         except _REDIS_ERRORS as exc:
             _check_cancelled()
             raise PartlyPublished(f"redis: {str(exc) or type(exc).__name__}", answers) from None
@@ -244,9 +270,7 @@ class RedisBroker:
             raise PartlyPublished("redis: too slow to answer; some may have been published", answers)
         return answers
 
-    async def history(
-        self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED
-    ) -> History:
+    async def history(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 return await self._reader.read(topic, since, limit, max_bytes)
@@ -299,9 +323,9 @@ class RedisBroker:
         self._waiters[(kind, channel)].append(waiter)
         if kind == "subscribe":
             self._topics.add(topic)
+        self._queue_command(pubsub, kind, channel)
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                await getattr(pubsub, kind)(channel)
                 await waiter
         except (*_REDIS_ERRORS, BrokerUnavailable) as exc:
             _check_cancelled()
@@ -317,6 +341,35 @@ class RedisBroker:
                     waiters.remove(waiter)
                 if not waiters:
                     del self._waiters[(kind, channel)]
+
+    def _queue_command(self, pubsub: PubSub, kind: str, channel: bytes) -> None:
+        """Send ``kind`` for ``channel`` with the others of this loop iteration: one SUBSCRIBE
+        (or UNSUBSCRIBE) names every channel the handshakes of the iteration need. Redis then
+        confirms each channel apart, and the listener resolves each waiter."""
+        queued = self._outbox.get(kind)
+        if queued is None:
+            queued = self._outbox[kind] = {}
+            asyncio.get_running_loop().call_soon(self._send_queued, pubsub, kind)
+        queued[channel] = None
+
+    def _send_queued(self, pubsub: PubSub, kind: str) -> None:
+        channels = list(self._outbox.pop(kind, {}))
+        if channels:
+            task = asyncio.get_running_loop().create_task(self._send_command(pubsub, kind, channels))
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+
+    async def _send_command(self, pubsub: PubSub, kind: str, channels: list[bytes]) -> None:
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await getattr(pubsub, kind)(*channels)
+        except _REDIS_ERRORS as exc:
+            _check_cancelled()
+            failure = BrokerUnavailable(f"redis: {kind} failed: {exc or type(exc).__name__}")
+            for channel in channels:
+                for waiter in self._waiters.get((kind, channel), ()):
+                    if not waiter.done():
+                        waiter.set_exception(failure)
 
     # -- the listener -------------------------------------------------------------------------
 
@@ -360,7 +413,7 @@ class RedisBroker:
 
     async def _read(self, pubsub: PubSub) -> None:
         wanted = {(CHANNEL_PREFIX + t).encode() for t in self._topics}
-        unconfirmed = wanted | {self._probe_channel}
+        unconfirmed = wanted | {self._probe_channel, _MANY}
         # Read before subscribing: every id above it is this session's to deliver.
         async with asyncio.timeout(PUBLISH_TIMEOUT):
             sentinel = "1" if self._topology.kind == "sentinel" else "0"
@@ -451,6 +504,9 @@ class RedisBroker:
         if self._filling:
             self._hold(channel, data)
             return
+        if channel == _MANY:
+            self._deliver_many(data)
+            return
         topic = channel[len(CHANNEL_PREFIX) :].decode()
         try:
             notification = Notification.from_envelope(topic, data)
@@ -464,6 +520,35 @@ class RedisBroker:
         if notification.id > self._seen:
             self._seen = notification.id
         self._on_notification(notification)
+
+    def _deliver_many(self, data: bytes) -> None:
+        """A message of PUBLISH_MANY_LUA: the topics held here get their notification."""
+        try:
+            head, rest = data.split(b"\n", 1)
+            ts, length = head.split(b" ")
+            size = int(length)
+            tail = b',"data":' + rest[:size] + b',"ts":' + ts + b"}"
+            announced = rest[size + 1 :].split(b"\n")
+        except ValueError:
+            log.error("dropping malformed broker message on %r", MANY_CHANNEL)
+            return
+        held, filled, at = self._topics, self._filled, int(ts)
+        for line in announced:
+            sid, _, name = line.partition(b" ")
+            topic = name.decode()
+            if topic not in held:
+                continue
+            id_ = int(sid)
+            if filled and topic in filled:
+                if id_ <= filled[topic]:
+                    continue  # delivered from history by the last gap fill
+                del filled[topic]
+            if id_ > self._seen:
+                self._seen = id_
+            payload = b'{"type":"notification","id":"' + sid + b'","topic":"' + name + b'"' + tail
+            self._on_notification(
+                Notification(topic, id_, at, payload.decode(), len(payload), ws_text_frame(payload))
+            )
 
     def _hold(self, channel: bytes, data: bytes) -> None:
         if self._held is None:

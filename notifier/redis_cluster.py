@@ -62,7 +62,7 @@ check_scripts()
 
 
 class ClusterKeys(KeyNames):
-    """``notifier:{<topic>}:seq|epoch|master|history|trimmed|idem:<k>``, channel ``notifier:{<topic>}``."""
+    """``notifier:{<topic>}:seq|epoch|master|history|idem:<k>``, channel ``notifier:{<topic>}``."""
 
     transactions = False
 
@@ -74,9 +74,6 @@ class ClusterKeys(KeyNames):
 
     def history(self, topic: str) -> str:
         return self.key(topic, "history")
-
-    def trimmed(self, topic: str) -> str:
-        return self.key(topic, "trimmed")
 
     def session(self, topic: str) -> list[str]:
         """The keys of SESSION_LUA (and EPOCH_LUA) for ``topic``."""

@@ -1,8 +1,8 @@
 """The Redis broker's data: key names, the publish script, and reading history back.
 
-Each topic has a history stream (the last N notifications) and a trim mark (the highest id
-trimmed away), both expiring with the topic. Reads come in
-chunks, so a node never holds much more than the bytes it was asked for.
+Each topic has a history stream (the last N notifications), expiring with the topic; what was
+trimmed from it is read from the stream's own bookkeeping (XINFO). Reads come in chunks, so a
+node never holds much more than the bytes it was asked for.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ SEQ_KEY = PREFIX + "seq"
 EPOCH_KEY = PREFIX + "epoch"
 IDEMPOTENCY_PREFIX = PREFIX + "idem:"
 CHANNEL_PREFIX = PREFIX + "topic:"
+MANY_CHANNEL = PREFIX + "many"  # every node's: what PUBLISH_MANY_LUA published, one message a call
 HISTORY_PREFIX = PREFIX + "history:"
-TRIMMED_PREFIX = PREFIX + "trimmed:"
 PROBE_PREFIX = PREFIX + "probe:"
 MASTER_KEY = PREFIX + "master"  # the replication id of the master of the last session (Sentinel)
 REJECTIONS_KEY = PREFIX + "rejections"  # sub -> "<before> <until>": tokens refused by an admin
 
-# KEYS: id counter, epoch, topic channel, topic history stream, topic trim mark,
-#       [idempotency key]
+# KEYS: id counter, epoch, topic channel, topic history stream, [idempotency key]
 # ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,
 #       deadline in Redis's clock (unix ms), history ttl (seconds, 0: none)
 # Returns {"<id> <ts> <topic>", 0}; for a repeated idempotency key {first answer, 1}; past the
@@ -35,15 +34,17 @@ REJECTIONS_KEY = PREFIX + "rejections"  # sub -> "<before> <until>": tokens refu
 # microseconds, or one above the last id when that is not higher (notifier.broker.next_id): ids
 # keep increasing when the counter is lost. The epoch is the first id of this Redis's data (a
 # recovery from before it has lost something). The history stream keeps exactly the last N
-# entries (stream id "<id>-0"); the trim mark is the highest id trimmed away. Both expire with
-# the topic; the stream's own count of entries ever added (XINFO) tells whether it was trimmed.
+# entries (stream id "<id>-0", trimmed by XADD itself: no XLEN or XRANGE per publish) and
+# expires with the topic; what was trimmed is read back from the stream's own bookkeeping
+# (XINFO: entries ever added, first entry; see HistoryReader.book). Redis Cluster runs this one
+# per topic (notifier.redis_cluster); one server and Sentinel run PUBLISH_BATCH_LUA.
 PUBLISH_LUA = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[6]) then
   return {'', 2}
 end
-if #KEYS == 6 then
-  local previous = redis.call('GET', KEYS[6])
+if #KEYS == 5 then
+  local previous = redis.call('GET', KEYS[5])
   if previous then return {previous, 1} end
 end
 local last = redis.call('GET', KEYS[1])
@@ -55,34 +56,87 @@ local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
 local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
 local size = tonumber(ARGV[5])
 if size > 0 then
-  local ttl = tonumber(ARGV[7])
-  local excess = redis.call('XLEN', KEYS[4]) + 1 - size
-  if excess > 0 then
-    local gone = string.match(redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', excess)[excess][1], '^(%d+)')
-    if ttl > 0 then redis.call('SET', KEYS[5], gone, 'EX', ttl) else redis.call('SET', KEYS[5], gone) end
-  end
   redis.call('XADD', KEYS[4], 'MAXLEN', size, id .. '-0', 'n', envelope)
+  local ttl = tonumber(ARGV[7])
   if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
 redis.call('PUBLISH', KEYS[3], envelope)
 local answer = id .. ' ' .. ARGV[2] .. ' ' .. ARGV[4]
-if #KEYS == 6 then redis.call('SET', KEYS[6], answer, 'EX', ARGV[3]) end
+if #KEYS == 5 then redis.call('SET', KEYS[5], answer, 'EX', ARGV[3]) end
 return {answer, 0}
 """
 
-# One data to many topics, as PUBLISH_LUA does for each, in one atomic step: ids follow the
-# order given. KEYS: id counter, epoch, [the request's idempotency key], then per topic:
-#   channel, history stream, trim mark, [the topic's idempotency key]
+# PUBLISH_LUA for many notifications at once, each with its own topic and data: the publishes
+# one node started in one event-loop iteration (notifier.redis_batch), in one call. Redis's cost
+# per call is mostly fixed: measured here (benchmarks/redis_cost.py), one notification a call
+# costs 12-18 us, 16 a call about 6-8 us each. Each is published exactly as PUBLISH_LUA would,
+# in the order given (ids increase along it; an idempotency key repeated in one call answers
+# its first).
+# KEYS: id counter, epoch, then per notification: channel, history stream, idempotency key (a
+#       name never written when the notification has none)
+# ARGV: deadline in Redis's clock (unix ms), history size, history ttl, idempotency ttl, then per
+#       notification: topic, frame tail, ts, "1" if it has an idempotency key else "0"
+# Returns {0, answer 1, outcome 1, answer 2, outcome 2, ...} (outcome 0: published, 1: the first
+# answer of a repeated key); past the deadline {2}: nothing published.
+PUBLISH_BATCH_LUA = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[1]) then
+  return {2}
+end
+local size, ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local last = redis.call('GET', KEYS[1])
+local next_id = math.max(tonumber(last or '0') + 1, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+local first_id = next_id
+local reply = {0}
+for i = 0, (#ARGV - 4) / 4 - 1 do
+  local a, k = 5 + i * 4, 3 + i * 3
+  local keyed = ARGV[a + 3] == '1'
+  local previous = nil
+  if keyed then previous = redis.call('GET', KEYS[k + 2]) end
+  if previous then
+    reply[#reply + 1] = previous
+    reply[#reply + 1] = 1
+  else
+    local id = string.format('%.0f', next_id)
+    next_id = next_id + 1
+    local envelope = id .. ' ' .. ARGV[a + 2] .. ' {"type":"notification","id":"' .. id .. ARGV[a + 1]
+    if size > 0 then
+      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, id .. '-0', 'n', envelope)
+      if ttl > 0 then redis.call('EXPIRE', KEYS[k + 1], ttl) end
+    end
+    redis.call('PUBLISH', KEYS[k], envelope)
+    local answer = id .. ' ' .. ARGV[a + 2] .. ' ' .. ARGV[a]
+    if keyed then redis.call('SET', KEYS[k + 2], answer, 'EX', keep) end
+    reply[#reply + 1] = answer
+    reply[#reply + 1] = 0
+  end
+end
+if next_id > first_id then
+  redis.call('SET', KEYS[1], string.format('%.0f', next_id - 1))
+  if not last then redis.call('SET', KEYS[2], string.format('%.0f', first_id), 'NX') end
+end
+return reply
+"""
+
+# One data to many topics in one atomic step, each published as PUBLISH_LUA would keep it
+# (history, ids following the order given), but announced to the nodes in ONE message on
+# MANY_CHANNEL, which every node subscribes: ``"<ts> <data length>\n<data>\n<id> <topic>\n..."``.
+# A node delivers the topics it holds and skips the others; one message per call instead of
+# one per topic spares every node a pub/sub message per topic (redis-py parses each: it was
+# most of a 1,000-topic publish's cost). KEYS: id counter, epoch, MANY_CHANNEL, [the request's
+# idempotency key], then per topic: history stream, [the topic's idempotency key]
 # ARGV: data (encoded JSON), ts, idempotency ttl, history size, deadline in Redis's clock (unix
-#       ms), history ttl, keys per topic (3, or 4 with idempotency keys), then the topics (valid
+#       ms), history ttl, keys per topic (1, or 2 with idempotency keys), then the topics (valid
 #       names: quoted as they are, they are their own JSON strings).
 # Returns {0, flags, answer per topic} (flags: one character per topic, "1" where the answer is
-# the first one of a repeated key); past the deadline {2}, nothing published. With idempotency
+# the first one of a repeated key); past the deadline {2}, nothing published; when a topic cannot
+# be kept (its key is not a stream) {3, flags, error, answer per topic before it}: those before
+# it are published and announced, none after. With idempotency
 # keys, a topic is published at most once under the request's key: its own key holds its first
 # answer, and the request's key (that of a single-topic publish, set here to the first topic's
 # answer when missing) counts for the topic it names. The counter is moved past every new id
-# before anything is published, and each topic's key is set as soon as it is published: a
-# script that fails part way has published a prefix, never an id twice, and remembers it.
+# before anything is kept and each topic's key is set as soon as it is kept: a script that fails
+# part way has kept and announced a prefix, never an id twice, and remembers it.
 PUBLISH_MANY_LUA = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[5]) then
@@ -90,17 +144,17 @@ if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV
 end
 local per = tonumber(ARGV[7])
 local n = #ARGV - 7
-local off, first, named = 2, nil, nil
-if per == 4 then
-  off = 3
-  first = redis.call('GET', KEYS[3])
+local off, first, named = 3, nil, nil
+if per == 2 then
+  off = 4
+  first = redis.call('GET', KEYS[4])
   if first then named = string.match(first, '^%d+ %d+ (.*)$') end
 end
-local answers, flags, fresh = {}, {}, 0
+local answers, flags, fresh, done, failed = {}, {}, 0, n, nil
 for i = 1, n do
   local previous = nil
-  if per == 4 then
-    previous = redis.call('GET', KEYS[off + i * 4])
+  if per == 2 then
+    previous = redis.call('GET', KEYS[off + i * 2])
     if not previous and named == ARGV[7 + i] then previous = first end
   end
   if previous then
@@ -117,33 +171,37 @@ if fresh > 0 then
   if not last then redis.call('SET', KEYS[2], string.format('%.0f', id), 'NX') end
   local ts, size, ttl = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[6])
   local tail = ',"data":' .. ARGV[1] .. ',"ts":' .. ts .. '}'
+  local lines = {ts .. ' ' .. #ARGV[1], ARGV[1]}
+  done = 0
   for i = 1, n do
     if flags[i] == '0' then
       local topic, k = ARGV[7 + i], off + (i - 1) * per
-      local history, mark = KEYS[k + 2], KEYS[k + 3]
       local sid = string.format('%.0f', id)
       id = id + 1
-      local envelope = sid .. ' ' .. ts .. ' {"type":"notification","id":"' .. sid
-        .. '","topic":"' .. topic .. '"' .. tail
       if size > 0 then
-        local excess = redis.call('XLEN', history) + 1 - size
-        if excess > 0 then
-          local gone = redis.call('XRANGE', history, '-', '+', 'COUNT', excess)[excess][1]
-          gone = string.match(gone, '^(%d+)')
-          if ttl > 0 then redis.call('SET', mark, gone, 'EX', ttl) else redis.call('SET', mark, gone) end
+        local envelope = sid .. ' ' .. ts .. ' {"type":"notification","id":"' .. sid
+          .. '","topic":"' .. topic .. '"' .. tail
+        local added = redis.pcall('XADD', KEYS[k + 1], 'MAXLEN', size, sid .. '-0', 'n', envelope)
+        if type(added) == 'table' and added.err then
+          failed = added.err
+          break
         end
-        redis.call('XADD', history, 'MAXLEN', size, sid .. '-0', 'n', envelope)
-        if ttl > 0 then redis.call('EXPIRE', history, ttl) end
+        if ttl > 0 then redis.call('EXPIRE', KEYS[k + 1], ttl) end
       end
-      redis.call('PUBLISH', KEYS[k + 1], envelope)
+      lines[#lines + 1] = sid .. ' ' .. topic
       answers[i] = sid .. ' ' .. ts .. ' ' .. topic
-      if per == 4 then redis.call('SET', KEYS[k + 4], answers[i], 'EX', ARGV[3]) end
+      if per == 2 then redis.call('SET', KEYS[k + 2], answers[i], 'EX', ARGV[3]) end
     end
+    done = i
   end
-  if per == 4 and not first then redis.call('SET', KEYS[3], answers[1], 'EX', ARGV[3], 'NX') end
+  if per == 2 and not first and answers[1] then
+    redis.call('SET', KEYS[4], answers[1], 'EX', ARGV[3], 'NX')
+  end
+  if #lines > 2 then redis.call('PUBLISH', KEYS[3], table.concat(lines, '\\n')) end
 end
-local reply = {0, table.concat(flags)}
-for i = 1, n do reply[i + 2] = answers[i] end
+local reply = {0, string.sub(table.concat(flags), 1, done)}
+if failed then reply = {3, string.sub(table.concat(flags), 1, done), failed} end
+for i = 1, done do reply[#reply + 1] = answers[i] end
 return reply
 """
 
@@ -178,6 +236,7 @@ end
 return redis.call('GET', KEYS[1]) or redis.call('GET', KEYS[2])
 """
 
+
 def parse_rejections(stored: dict[Any, Any], now: float) -> dict[str, tuple[int, int]]:
     """The rejections hash (sub -> "<before> <until>") as a dict, without the ones over."""
     found: dict[str, tuple[int, int]] = {}
@@ -202,6 +261,11 @@ def _raise_first_error(replies: Sequence[Any]) -> None:
             raise reply
 
 
+def _first_id(info: dict[Any, Any]) -> int:
+    """The id of a stream's first entry, from its XINFO (0 when it is empty)."""
+    return int(info["recorded-first-entry-id"].split(b"-")[0])
+
+
 def _now_us(time_reply: Sequence[int]) -> int:
     seconds, micros = time_reply
     return int(seconds) * 1_000_000 + int(micros)
@@ -216,9 +280,6 @@ class KeyNames:
 
     def history(self, topic: str) -> str:
         return HISTORY_PREFIX + topic
-
-    def trimmed(self, topic: str) -> str:
-        return TRIMMED_PREFIX + topic
 
     def read_epoch(self, pipe: Any, topic: str) -> None:
         """Queue on ``pipe`` the command whose reply is ``topic``'s epoch."""
@@ -236,20 +297,22 @@ class HistoryReader:
         self.redis, self.size, self.ttl = redis, size, ttl
         self.names = names or KeyNames()
 
-    def book(self, epoch: Any, info: Any, trimmed: Any, now: int) -> Bookkeeping:
-        """Bookkeeping from the epoch, the stream's XINFO (an error when it does not exist) and
-        its trim mark. A stream that was trimmed but lost its mark (it expired on its own, say
-        after NOTIFIER_HISTORY_SIZE grew) counts as trimmed up to just before its first entry."""
-        origin, mark = None, _int(trimmed)
+    def book(self, epoch: Any, info: Any, now: int) -> Bookkeeping:
+        """Bookkeeping from the epoch and the stream's XINFO (an error when it does not exist).
+        A stream that was ever trimmed (more entries added than it holds) counts as trimmed up
+        to just before its first entry: ids are not consecutive, so the highest id trimmed is
+        only known to be below it. A client whose position is exactly the last one trimmed (it
+        missed exactly N) is then told ``recovered: false``: cautious, never dishonest."""
+        origin = mark = None
         if isinstance(info, dict):
-            origin = int(info["recorded-first-entry-id"].split(b"-")[0])
-            if mark is None and info["entries-added"] > info["length"]:
+            origin = _first_id(info)
+            if info["entries-added"] > info["length"]:
                 mark = origin - 1
         return Bookkeeping(_int(epoch), origin, mark, now, self.ttl, self.size)
 
     async def read(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
         """The first ``limit`` after ``since`` (or the last ``limit``), within ``max_bytes``."""
-        key, mark = self.names.history(topic), self.names.trimmed(topic)
+        key = self.names.history(topic)
         found: list[Notification] = []
         total, more, whole = 0, False, True
         cursor: bytes | None = None
@@ -263,20 +326,20 @@ class HistoryReader:
                     pipe.xrevrange(key, b"(" + cursor if cursor else "+", "-", count=want)
                 else:
                     pipe.xrange(key, b"(" + cursor if cursor else f"({since}-0", "+", count=want)
-                pipe.get(mark)
+                pipe.xinfo_stream(key)
                 if cursor is None:
                     self.names.read_epoch(pipe, topic)
                     self.names.read_time(pipe, topic)
-                    pipe.xinfo_stream(key)
                 replies = await pipe.execute(raise_on_error=False)
-            _raise_first_error(replies[:-1] if cursor is None else replies)
-            entries = replies[0]
+            _raise_first_error([r for i, r in enumerate(replies) if i != 1])
+            entries, info = replies[0], replies[1]
             if cursor is None:
-                book = self.book(replies[2], replies[4], replies[1], _now_us(replies[3]))
+                book = self.book(replies[2], info, _now_us(replies[3]))
                 whole = book.size > 0 if since is None else complete(since, book)
             elif since is not None and found:
-                trimmed = _int(replies[1])
-                whole = whole and (trimmed is None or trimmed <= found[-1].id)
+                # The stream moved on while we paged: if the last entry read is gone, entries
+                # after it may have been trimmed before we read them.
+                whole = whole and isinstance(info, dict) and _first_id(info) <= found[-1].id
             for stream_id, fields in entries:
                 n = Notification.from_envelope(topic, fields[b"n"])
                 if total + n.size > max_bytes and found:
@@ -304,14 +367,13 @@ class HistoryReader:
                 self.names.read_epoch(pipe, topic)
                 self.names.read_time(pipe, topic)
                 pipe.xrange(self.names.history(topic), f"({since}-0", "+", count=most + 1)
-                pipe.get(self.names.trimmed(topic))
                 pipe.xinfo_stream(self.names.history(topic))
             replies = await pipe.execute(raise_on_error=False)
-        _raise_first_error([r for i, r in enumerate(replies) if i % 5 != 4])
+        _raise_first_error([r for i, r in enumerate(replies) if i % 4 != 3])
         answer: dict[str, list[Notification] | None] = {}
         for index, (topic, since) in enumerate(positions.items()):
-            epoch, now, entries, trimmed, info = replies[5 * index : 5 + 5 * index]
-            book = self.book(epoch, info, trimmed, _now_us(now))
+            epoch, now, entries, info = replies[4 * index : 4 + 4 * index]
+            book = self.book(epoch, info, _now_us(now))
             if len(entries) > most or not complete(since, book):
                 answer[topic] = None
             else:
