@@ -21,6 +21,9 @@ from notifier.services import Services
 router = APIRouter()
 
 PUBLISH_PATH = "/v1/notifications"
+# An ASGI extension notifier.server offers on the publish route: the whole answer in one write,
+# ``respond(status, headers, body) -> bool`` (False: answer with ``send`` as usual).
+RESPOND_EXTENSION = "notifier.respond"
 RawHeader = tuple[bytes, bytes]
 
 MAX_IDEMPOTENCY_KEY = 256
@@ -358,7 +361,11 @@ async def publish_endpoint(services: Services, scope: Scope, receive: Receive, s
         status, body, headers = await publish_answer(services, scope, receive)
     except ClientDisconnect:
         return
-    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers.append((b"content-type", b"application/json"))
+    respond = scope.get("extensions", {}).get(RESPOND_EXTENSION)
+    if respond is not None and respond(status, headers, body):
+        return
+    headers.append((b"content-length", b"%d" % len(body)))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

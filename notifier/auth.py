@@ -106,7 +106,7 @@ class TokenAuthority:
     was generated at start, which a token with a bad signature is told.
     """
 
-    CACHE_SIZE = 4096
+    CACHE_SIZE = 16384  # tokens: a token and its principal, ~0.5 KiB each at most
 
     def __init__(
         self,
@@ -174,7 +174,9 @@ class TokenAuthority:
             del self._verified[token]  # its key was withdrawn: decode again
         principal, key = self._decode(token)
         if len(self._verified) >= self.CACHE_SIZE:
-            self._verified.clear()
+            # The oldest goes (dicts keep insertion order): a reconnect storm of more clients
+            # than this still finds the most recent tokens here, not an emptied cache.
+            del self._verified[next(iter(self._verified))]
         self._verified[token] = (principal, key)
         return principal
 

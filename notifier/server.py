@@ -28,17 +28,20 @@ import re
 import socket
 import stat
 import time
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import httptools
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.http11 import Request
 
+from notifier.api import PUBLISH_PATH, RESPOND_EXTENSION
 from notifier.node import Node
 from notifier.ws import ABORT_EXTENSION, SINK_EXTENSION
 
@@ -60,9 +63,18 @@ class RedactTokens(logging.Filter):
         return record.msg != "ASGI callable returned without completing handshake."
 
 
+# Where the WebSocket protocol logs when NOTIFIER_ACCESS_LOG is off: warnings and errors reach
+# uvicorn.error's handlers as before, the lines of every handshake ("connection open", the
+# request with [accepted] or its refusal, "connection closed") are not made at all. They were 2
+# to 3 records and writes per handshake, 6% of an instance's CPU in a handshake storm (py-spy);
+# notifier_handshakes_total counts handshakes by outcome either way.
+QUIET_HANDSHAKES = logging.getLogger("uvicorn.error.handshakes")
+
+
 def install_log_filters() -> None:
-    for name in ("uvicorn.access", "uvicorn.error"):
+    for name in ("uvicorn.access", "uvicorn.error", QUIET_HANDSHAKES.name):
         logging.getLogger(name).addFilter(RedactTokens())
+    QUIET_HANDSHAKES.setLevel(logging.WARNING)
 
 
 class DirectSink:
@@ -387,12 +399,18 @@ class HttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._phase = _IDLE if self.parser.should_upgrade() and self._should_upgrade() else _BODY
         super().on_headers_complete()
+        scope, cycle = self.scope, self.cycle
+        if cycle is not None and cycle.scope is scope and scope["path"] == PUBLISH_PATH:
+            extensions: dict[str, Any] = scope.setdefault("extensions", {})
+            extensions[RESPOND_EXTENSION] = partial(respond_whole, cycle)
 
     def on_message_complete(self) -> None:
         if self._phase == _BODY:
             self._phase = _IDLE
             self._disarm()
         super().on_message_complete()
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return  # a WebSocket handshake: the connection is the WebSocket's now, not ours to time
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None:
             # The answer went out before the body ended (a 413, say): uvicorn armed its keep-alive
@@ -440,14 +458,57 @@ _require(
     RequestResponseCycle,
     names={
         "__init__": (
+            "scope",
+            "transport",
+            "flow",
+            "access_log",
+            "access_logger",
+            "default_headers",
             "response_started",
             "response_complete",
+            "waiting_for_100_continue",
             "keep_alive",
             "disconnected",
             "message_event",
+            "on_response",
         )
     },
 )
+
+
+def respond_whole(
+    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bool:
+    """A whole answer in one write, as uvicorn's ``send`` writes it in two (status line and
+    headers, then the body) after checking each header: the ``notifier.respond`` extension of
+    ``POST /v1/notifications`` (see ``api.publish_endpoint``), whose few headers are its own.
+    False when it cannot (the client's writes are paused, or it left): ``send`` then does.
+    uvicorn internals, checked at import: the cycle's state as its ``send`` keeps it."""
+    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused:
+        return False
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    if cycle.access_log:
+        scope = cycle.scope
+        where, path = get_client_addr(scope), get_path_with_query_string(scope)
+        cycle.access_logger.info(  # uvicorn's AccessFormatter takes exactly these five
+            '%s - "%s %s HTTP/%s" %d', where, scope["method"], path, scope["http_version"], status
+        )
+    content = [STATUS_LINE[status]]
+    for name, value in cycle.default_headers:
+        content += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        content += (name, b": ", value, b"\r\n")
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += (b"content-length: %d\r\n\r\n" % len(body), body)
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
 
 
 # -- WebSocket ------------------------------------------------------------------------------------
@@ -477,6 +538,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not self.config.access_log:
+            self.logger = self.conn.logger = QUIET_HANDSHAKES
         self.queue = LeanQueue()  # type: ignore[assignment]
         self.writable = LeanEvent()  # type: ignore[assignment]
         self.writable.set()
@@ -631,6 +694,8 @@ _require(
     ),
     names={
         "__init__": (
+            "config",
+            "logger",
             "transport",
             "loop",
             "conn",

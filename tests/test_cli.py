@@ -401,7 +401,7 @@ def test_serve_with_redis_unreachable_says_why_to_publishers_and_subscribers(tmp
 
 
 @pytest.mark.parametrize("access_log", [None, "true"], ids=["default", "NOTIFIER_ACCESS_LOG=true"])
-def test_serve_logs_handshakes_without_their_token_and_requests_only_when_asked(
+def test_serve_logs_handshakes_and_requests_only_when_asked_and_never_their_token(
     tmp_path: Path, access_log: str | None
 ) -> None:
     port = free_port()
@@ -412,7 +412,8 @@ def test_serve_logs_handshakes_without_their_token_and_requests_only_when_asked(
         wait_until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, DEADLINE, "/readyz")
         with connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}&topics=news", open_timeout=5) as ws:
             assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "hello"
-        serve.stderr.until(r'"WebSocket /v1/ws\?token=\[redacted\]&topics=news" \[accepted\]')
+        if access_log:
+            serve.stderr.until(r'"WebSocket /v1/ws\?token=\[redacted\]&topics=news" \[accepted\]')
         response = httpx.post(url + "/v1/notifications", json={"topic": "news", "data": 1},
                               headers={"authorization": f"Bearer {token}"}, timeout=10)
         assert response.status_code == 202, response.text
@@ -420,6 +421,8 @@ def test_serve_logs_handshakes_without_their_token_and_requests_only_when_asked(
     logged = serve.stderr.rest() + serve.stdout.rest()
     assert token not in logged
     assert ('"POST /v1/notifications HTTP/1.1" 202' in logged) == (access_log == "true"), logged
+    assert ("[accepted]" in logged) == (access_log == "true"), logged
+    assert ("connection open" in logged) == (access_log == "true"), logged
 
 
 # -- token --------------------------------------------------------------------------------------

@@ -513,3 +513,44 @@ async def test_a_ping_flood_that_never_reads_is_dropped_and_holds_no_memory(
     )
     assert all(f.outcome.startswith("dropped") for f in floods), [f.outcome for f in floods]
     assert peak - baseline < FLOOD_RSS_BOUND
+
+
+# -- a WebSocket on a kept-alive connection ---------------------------------------------------------
+
+KEEP_ALIVE_TIMEOUT = 5.0  # uvicorn's timeout_keep_alive, which notifier leaves as is
+
+
+async def test_a_websocket_opened_on_a_kept_alive_connection_outlives_the_keep_alive_timeout(
+    instance: Instance, http: httpx.AsyncClient
+) -> None:
+    """nginx sends handshakes over pooled upstream connections (``keepalive 32``): a handshake
+    after an HTTP request on the same connection. The keep-alive timer of that request once
+    closed the WebSocket 5 s later, without a close frame (found by the reconnect storm)."""
+    token = mint_token("alice", ("subscribe", "publish"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", instance.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, _ = await read_answer(reader, 10)
+        assert status == 200
+        writer.write(handshake(f"/v1/ws?{urlencode({'token': token, 'topics': 'news'})}"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        frames = bytearray()
+
+        async def frames_until(needle: bytes) -> None:
+            while needle not in frames:
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                assert chunk, f"the server closed the WebSocket; it had sent {bytes(frames)!r}"
+                frames.extend(chunk)
+
+        await frames_until(b'"hello"')
+        # Notifications keep coming well past the keep-alive timeout, on the same socket.
+        started, sent = time.monotonic(), 0
+        while time.monotonic() - started < KEEP_ALIVE_TIMEOUT + 2:
+            sent += 1
+            await post(http, instance.url, token, "news", {"n": sent})
+            await frames_until(b'{"n":%d}' % sent)
+            await asyncio.sleep(0.25)  # pacing (a few a second), not synchronisation
+    finally:
+        writer.close()
+    assert sent >= 3
