@@ -1,4 +1,4 @@
-"""The ``notifier`` command: ``serve``, ``token``, ``publish``, ``subscribe``.
+"""The ``notifier`` command: ``serve``, ``token``, ``publish``, ``subscribe``, ``disconnect``, ``bench``.
 
 Every failure is one clear line on stderr and a non-zero exit status, never a traceback.
 """
@@ -84,6 +84,29 @@ def _parser() -> argparse.ArgumentParser:
     reject.add_argument("--reject-now", action="store_true", help="also refuse older tokens")
     disconnect.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
     disconnect.add_argument("--token", help="bearer token with the admin scope (NOTIFIER_TOKEN)")
+
+    bench = commands.add_parser(
+        "bench", help="load-test a running deployment, bounded in time; print throughput, latency, lost"
+    )
+    bench.add_argument("--scenario", required=True, choices=["fanout", "personal", "handshake"])
+    bench.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
+    bench.add_argument("--token", help="bearer token with both scopes and no topics claim (NOTIFIER_TOKEN)")
+    bench.add_argument(
+        "--duration", type=float, metavar="S", help="measured seconds (default 10, at most 300)"
+    )
+    bench.add_argument(
+        "--subscribers",
+        type=int,
+        metavar="N",
+        help="sockets (fanout: on one topic, default 100; personal: each on its own, default 50)",
+    )
+    bench.add_argument(
+        "--rate", type=float, metavar="R", help="notifications/s, open loop (fanout default 20, personal 500)"
+    )
+    bench.add_argument(
+        "--concurrency", type=int, metavar="C", help="handshake: connections opened in parallel (default 20)"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
 
@@ -98,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _publish(args)
         if args.command == "disconnect":
             return _disconnect(args)
+        if args.command == "bench":
+            return _bench(args)
         return _subscribe(args)
     except ConfigError as exc:
         return _fail(str(exc), 2)
@@ -271,6 +296,46 @@ def _disconnect(args: argparse.Namespace) -> int:
         raise _with_token_hint(exc, client.token) from None
     refused = f"; their tokens issued before {before} are refused for 24 h" if before is not None else ""
     print(f"disconnected {args.sub!r} on every instance{refused}", flush=True)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from notifier.bench import BenchError, make_options, run
+    from notifier.bench_report import Progress, render_json, render_table
+    from notifier.client import http_url
+
+    client = load_client_settings(url=args.url, token=args.token)
+    _check_url(client.url)
+    # With the deployment's secret at hand each socket gets a token of its own user, so that the
+    # per-user limit (NOTIFIER_MAX_CONNECTIONS_PER_USER) does not cap the run.
+    settings = load_settings()
+    authority = None
+    if settings.jwt_secret is not None:
+        issuer, audience = settings.jwt_issuer, settings.jwt_audience
+        authority = TokenAuthority(settings.secret, issuer=issuer, audience=audience)
+    try:
+        options = make_options(
+            http_url(client.url), client.token, args.scenario, duration=args.duration,
+            subscribers=args.subscribers, rate=args.rate, concurrency=args.concurrency, authority=authority,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        result = run(options, Progress(lambda: ""))
+    except ClientError as exc:
+        raise _with_token_hint(exc, client.token) from None
+    except BenchError as exc:
+        return _fail(str(exc), 1)
+    try:
+        print(render_json(result) if args.json else render_table(result), flush=True)
+    except BrokenPipeError:  # `notifier bench ... | head -1`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:  # stdout is the one object: what matters most goes to stderr too
+        for warning in result["warnings"]:
+            print(f"notifier: warning: {warning}", file=sys.stderr)
+    if result.get("lost"):
+        print(f"notifier: warning: {result['lost']:,} of {result['expected']:,} deliveries were lost",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
