@@ -8,7 +8,16 @@
 //           subscriber, so the server always has work queued but never an unbounded backlog;
 //   steady  open-loop publishing at a fixed rate (notifications/s), whatever the server does;
 //   idle    opens connections in steps and reads the server's RSS after each step, then sends
-//           one notification that must reach all of them.
+//           one notification that must reach all of them;
+//   personal  one WebSocket per user (user bench<i>, on its own topic user:bench<i>); one POST per
+//           notification to the next user's topic (round robin) over cfg.publishSockets raw
+//           keep-alive HTTP connections with cfg.pipeline requests in flight on each, as fast as
+//           the server answers; each must reach its user exactly once;
+//   multi   the same users; each POST is {"topics": [every user's topic], "data"}, windowed as
+//           in fanout (every user receives each notification once);
+//   handshake  cfg.concurrency connectors, each in a loop: open a WebSocket as a distinct user
+//           (tokens pre-minted), wait for the first frame (hello), close; connect->hello latency.
+//           With receiver "c" the loop runs in wsrecv (command "hs"), else here on raw sockets.
 // Receivers (cfg.receiver):
 //   c    benchmarks/.build/wsrecv (wsrecv.c): the subscribers live in a C epoll loop, a child
 //        of this process on the same core; this process publishes, paces and measures;
@@ -114,9 +123,14 @@ function jwt(claims) {
   return `${head}.${body}.${sig}`;
 }
 
+// User i of the per-user scenarios (cfg.userTopics) is bench<i>: notifier subscribes it to its
+// own topic user:bench<i> from its token; a baseline (no secret) is asked for it with ?topics=.
+const userTopic = (i) => `user:bench${i}`;
+
 function subscriberUrl(i) {
   const url = new URL(cfg.wsUrl);
-  url.searchParams.set('topics', TOPIC);
+  if (!cfg.userTopics) url.searchParams.set('topics', TOPIC);
+  else if (!cfg.secret) url.searchParams.set('topics', userTopic(i));
   if (cfg.secret) url.searchParams.set('token', jwt({ sub: `bench${i}`, scope: 'subscribe' }));
   return url;
 }
@@ -127,8 +141,9 @@ const maxSeq = cfg.maxNotifications || 1000; // seqs 1..maxSeq
 const expectCount = new Uint32Array(maxSeq + 1); // subscribers open when seq was published
 const stats = {
   hist: new Uint32Array(HIST_BINS), latMax: 0, latCount: 0, outOfOrder: 0, frameBytes: 0, frameSamples: 0,
-  reads: 0,
+  reads: 0, misrouted: 0,
 };
+const USER_TOPIC = Buffer.from('"topic":"user:bench');
 let closedEarly = 0;
 
 function quantile(q) {
@@ -177,7 +192,10 @@ function fields(buf) {
   if (len > 64 && buf[len - 1] === 125 && buf[9] === 110 && buf[24] === 105 && buf[28] === 34) {
     const id = readInt(buf, HEAD_LEN);
     const m = intEnd;
-    if (buf[m] === 34 && buf[m + 3] === 116 && buf[m + MID_LEN - 2] === 34 && buf[m + MID_LEN - 1] === 58) {
+    // `"seq":` where a frame of TOPIC has it (another topic of another length falls through).
+    const q = m + MID_LEN;
+    if (buf[m] === 34 && buf[m + 3] === 116 && buf[q - 5] === 115 && buf[q - 4] === 101 && buf[q - 3] === 113
+      && buf[q - 2] === 34 && buf[q - 1] === 58) {
       const seq = readInt(buf, m + MID_LEN);
       let t = len - 2;
       while (t > 0 && buf[t] >= 48 && buf[t] <= 57) t--;
@@ -230,6 +248,10 @@ class JsReceiver {
     if (f === null) return;
     const [id, seq, ts] = f;
     if (seq < 1 || seq > maxSeq) return;
+    if (cfg.userTopics) {
+      const u = buf.indexOf(USER_TOPIC);
+      if (u < 0 || readInt(buf, u + USER_TOPIC.length) !== sub.i || buf[intEnd] !== 34) stats.misrouted++;
+    }
     // Order is the server's: ids increase in acceptance order (concurrent POSTs may be accepted
     // in another order than they were sent, so seq says nothing about order).
     if (id >= 0) {
@@ -251,7 +273,7 @@ class JsReceiver {
   // One subscriber: resolves to it once its first frame (hello) arrived, or to null.
   connect(i) {
     return new Promise((resolve) => {
-      const sub = { last: 0, ready: false, deflate: false, closing: false, close: null, terminate: null };
+      const sub = { i, last: 0, ready: false, deflate: false, closing: false, close: null, terminate: null };
       let settled = false;
       const done = (ok, why) => {
         if (settled) return;
@@ -441,10 +463,12 @@ class CReceiver {
       lines.push(url.pathname + url.search);
     }
     fs.writeFileSync(this.pathsFile, lines.join('\n') + '\n');
-    this.proc = spawn(binary, [u.hostname, u.port || '80', this.pathsFile, String(maxSeq)], {
+    const args = [u.hostname, u.port || '80', this.pathsFile, String(maxSeq), cfg.userTopics ? '1' : '0'];
+    this.proc = spawn(binary, args, {
       stdio: ['pipe', 'pipe', 'inherit'],
     });
     this.pid = this.proc.pid;
+    this.total = total;
     this.open = 0;
     this.failed = 0;
     this.reads = 0; // socket reads, as of the last mark or count
@@ -510,6 +534,7 @@ class CReceiver {
     stats.latMax = Math.max(stats.latMax, r.lat_max);
     stats.latCount += r.lat_count;
     stats.outOfOrder += r.out_of_order;
+    stats.misrouted += r.misrouted || 0;
     stats.frameBytes += r.frame_bytes;
     stats.frameSamples += r.frame_samples;
     this.received = r.received;
@@ -530,7 +555,10 @@ const publishUrl = new URL(cfg.publishUrl);
 const publishToken = cfg.secret ? jwt({ sub: 'bench-publisher', scope: 'publish' }) : null;
 // Pad the data so the notification frame (as notifier writes it) is about cfg.frameBytes long.
 const FRAME_OVERHEAD = '{"type":"notification","id":"1000000","topic":"","data":{"seq":1000,"pad":""},"ts":1700000000000}'
-  .length + TOPIC.length;
+  .length + (cfg.userTopics ? userTopic(Math.max(0, cfg.subscribers - 1)) : TOPIC).length;
+// multi: every user's topic in each POST.
+const MULTI_TOPICS = cfg.mode === 'multi'
+  ? JSON.stringify(Array.from({ length: cfg.subscribers }, (_, i) => userTopic(i))) : null;
 const pad = 'x'.repeat(Math.max(0, (cfg.frameBytes || 256) - FRAME_OVERHEAD));
 let published = 0; // seqs 1..published have been posted
 let publishErrors = 0;
@@ -544,7 +572,8 @@ function publish() {
 }
 
 function post(seq, attempt) {
-  const body = `{"topic":${JSON.stringify(TOPIC)},"data":{"seq":${seq},"pad":"${pad}"}}`;
+  const data = `{"seq":${seq},"pad":"${pad}"}`;
+  const body = MULTI_TOPICS ? `{"topics":${MULTI_TOPICS},"data":${data}}` : `{"topic":${JSON.stringify(TOPIC)},"data":${data}}`;
   const headers = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) };
   if (publishToken) headers.authorization = `Bearer ${publishToken}`;
   let settled = false;
@@ -591,6 +620,271 @@ async function drain(timeoutS) {
     got = await receiver.count();
   }
   return { expected: expectedTotal(), received: got };
+}
+
+// personal: a minimal HTTP/1.1 client on raw keep-alive sockets (Node's http client costs the
+// load generator's core several times what the server spends accepting one small POST). Each of
+// cfg.publishSockets connections keeps cfg.pipeline requests in flight (HTTP/1.1 pipelining:
+// the server answers in order); the next request on a connection is sent as an answer arrives.
+let accepted = 0; // POSTs answered 2xx
+
+class RawPublisher {
+  constructor(nextBody, onAnswer) {
+    this.nextBody = nextBody; // () => [seq, body] | null (nothing more to send)
+    this.onAnswer = onAnswer; // (seq, ok, why) => void
+    this.conns = [];
+    this.reconnects = 0;
+    this.stopped = false;
+    this.auth = publishToken ? `Authorization: Bearer ${publishToken}\r\n` : '';
+    this.head = `POST ${publishUrl.pathname} HTTP/1.1\r\nHost: ${publishUrl.host}\r\n`
+      + `Content-Type: application/json\r\n${this.auth}Content-Length: `;
+  }
+
+  inFlight() { return this.conns.reduce((n, c) => n + c.queue.length, 0); }
+
+  start(sockets, depth) {
+    for (let k = 0; k < sockets; k++) this.open(depth);
+  }
+
+  open(depth) {
+    const c = { queue: [], buf: null, sock: null, depth };
+    c.sock = net.connect({ host: publishUrl.hostname, port: Number(publishUrl.port), noDelay: true });
+    c.sock.on('connect', () => this.fill(c));
+    c.sock.on('data', (chunk) => this.data(c, chunk));
+    const gone = (why) => {
+      if (c.closed) return;
+      c.closed = true;
+      this.conns.splice(this.conns.indexOf(c), 1);
+      for (const seq of c.queue.splice(0)) this.onAnswer(seq, false, why);
+      if (!this.stopped && this.reconnects < 100) { this.reconnects++; this.open(depth); }
+    };
+    c.sock.on('error', (err) => gone(err.message));
+    c.sock.on('close', () => gone('publish connection closed by the server'));
+    this.conns.push(c);
+  }
+
+  fill(c) {
+    let out = '';
+    while (!this.stopped && !c.closed && c.queue.length < c.depth) {
+      const next = this.nextBody();
+      if (next === null) break;
+      const [seq, body] = next;
+      c.queue.push(seq);
+      out += `${this.head}${Buffer.byteLength(body)}\r\n\r\n${body}`;
+    }
+    if (out) c.sock.write(out);
+  }
+
+  data(c, chunk) {
+    let buf = c.buf === null ? chunk : Buffer.concat([c.buf, chunk]);
+    c.buf = null;
+    for (;;) {
+      const end = buf.indexOf(CRLF2);
+      if (end < 0) break;
+      const head = buf.toString('latin1', 0, end);
+      const m = /\r\ncontent-length:\s*(\d+)/i.exec(head);
+      if (m === null) { c.sock.destroy(new Error('an answer without content-length')); return; }
+      const total = end + 4 + Number(m[1]);
+      if (buf.length < total) break;
+      const status = Number(head.slice(9, 12));
+      const seq = c.queue.shift();
+      if (seq !== undefined) {
+        const ok = status === 202 || status === 200;
+        this.onAnswer(seq, ok, ok ? '' : `POST answered ${status}`);
+      }
+      buf = buf.subarray(total);
+    }
+    if (buf.length) c.buf = Buffer.from(buf);
+    this.fill(c);
+  }
+
+  stop() {
+    this.stopped = true;
+    for (const c of this.conns.splice(0)) { c.closed = true; c.sock.destroy(); }
+  }
+}
+
+async function runPersonal(result) {
+  const users = receiver.open;
+  if (users < 1) throw new Error('no user connected');
+  let stopAt = Infinity;
+  let next = 0;
+  const nextBody = () => {
+    if (published >= maxSeq || performance.now() >= stopAt) return null;
+    const seq = ++published;
+    expectCount[seq] = 1;
+    const topic = userTopic(next);
+    next = (next + 1) % users;
+    return [seq, `{"topic":"${topic}","data":{"seq":${seq},"pad":"${pad}"}}`];
+  };
+  const onAnswer = (seq, ok, why) => {
+    if (ok) { accepted++; return; }
+    publishErrors++;
+    lastPublishError = why;
+    expectCount[seq] = 0;
+    receiver.skip(seq);
+  };
+  const pub = new RawPublisher(nextBody, onAnswer);
+  const t0 = performance.now();
+  pub.start(cfg.publishSockets || 32, cfg.pipeline || 4);
+  const warmEnd = t0 + cfg.warmup * 1000;
+  while (performance.now() < warmEnd && published < maxSeq) await sleep(10);
+  await startMeasure();
+  const acceptedAtMark = accepted;
+  const endAt = performance.now() + cfg.duration * 1000;
+  stopAt = endAt;
+  while (performance.now() < endAt && !(published >= maxSeq && pub.inFlight() === 0)) await sleep(20);
+  stopAt = 0; // nothing more is sent: wait for the answers in flight, then for their deliveries
+  const stoppedAt = performance.now();
+  const answersBy = stoppedAt + 15000;
+  while (pub.inFlight() > 0 && pub.conns.length > 0 && performance.now() < answersBy) await sleep(5);
+  const sendS = (stoppedAt - mark.t) / 1000;
+  const acceptedInWindow = accepted - acceptedAtMark;
+  await drain(cfg.drainTimeout || 5);
+  const m = await endMeasure();
+  const unanswered = pub.inFlight();
+  pub.stop();
+  if (unanswered) log(`${unanswered} POSTs unanswered`);
+  result.accepted = accepted;
+  result.accepted_in_window = acceptedInWindow;
+  result.accepted_per_s = sendS > 0 ? Math.round(acceptedInWindow / sendS) : null;
+  result.unanswered = unanswered;
+  result.publish_reconnects = pub.reconnects;
+  result.in_flight = (cfg.publishSockets || 32) * (cfg.pipeline || 4);
+  return m;
+}
+
+// handshake: no subscribers held; the "receiver" only counts hellos for the measurement window.
+class HandshakeCounter {
+  constructor() { this.pid = null; this.open = 0; this.failed = 0; this.hellos = 0; this.reads = 0; }
+  async mark() { return this.hellos; }
+  async count() { return this.hellos; }
+  skip() {}
+  get deflate() { return false; }
+  async result() { return {}; }
+  kill() {}
+}
+
+// handshake with wsrecv (cfg.receiver "c"): the loop runs in C (command "hs"); this process
+// only marks the window and reads the counts.
+async function runHandshakeC(result) {
+  const conc = Math.max(1, cfg.concurrency || 64);
+  receiver.proc.stdin.write(`hs ${conc} ${maxSeq}\n`);
+  const warmEnd = performance.now() + cfg.warmup * 1000;
+  while (performance.now() < warmEnd) await sleep(10);
+  await startMeasure();
+  const endAt = performance.now() + cfg.duration * 1000;
+  while (performance.now() < endAt) await sleep(20);
+  const m = await endMeasure();
+  receiver.proc.stdin.write('hsstop\n');
+  result.handshakes_in_window = m.deliveries;
+  result.handshakes_per_s = m.seconds > 0 ? Math.round(m.deliveries / m.seconds) : null;
+  result.concurrency = conc;
+  result.tokens = receiver.total;
+  return m;
+}
+
+async function runHandshake(result) {
+  if (receiver instanceof CReceiver) return runHandshakeC(result);
+  const counter = receiver;
+  const url = new URL(cfg.wsUrl);
+  const host = url.hostname;
+  const port = Number(url.port);
+  const maxCount = maxSeq;
+  // Distinct users, pre-minted: a bounded pool of request heads, reused in a cycle (a user is
+  // never connected twice at once unless the pool is smaller than the concurrency).
+  const poolSize = Math.max(1, Math.min(cfg.tokens || 20000, maxCount));
+  const heads = [];
+  for (let i = 0; i < poolSize; i++) {
+    const u = subscriberUrl(i);
+    heads.push(`GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${url.host}\r\nConnection: Upgrade\r\n`
+      + 'Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
+  }
+  const CLOSE = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]); // masked (zero key), code 1000
+  const failures = {};
+  let measuring = false;
+  let started = 0;
+  const fail = (kind) => { failures[kind] = (failures[kind] || 0) + 1; };
+
+  // One handshake: connect, upgrade, first frame, close (our close frame, then the server's
+  // close and FIN, so the TIME_WAIT stays on the server side). Resolves when the socket is gone.
+  const one = (k) => new Promise((resolve) => {
+    const t0 = performance.now();
+    const inWindow = measuring;
+    let buf = null;
+    let upgraded = false;
+    let hello = false;
+    let over = false;
+    const sock = net.connect({ host, port, noDelay: true });
+    const finish = (kind) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      if (kind) fail(kind);
+      sock.destroy();
+      resolve();
+    };
+    const timer = setTimeout(() => finish(hello ? 'close_timeout' : 'timeout'), 10000);
+    sock.on('connect', () => sock.write(heads[k % poolSize]));
+    sock.on('data', (chunk) => {
+      if (hello) return; // the server's close frame: its FIN follows
+      buf = buf === null ? chunk : Buffer.concat([buf, chunk]);
+      if (!upgraded) {
+        const end = buf.indexOf(CRLF2);
+        if (end < 0) return;
+        const status = Number(buf.toString('latin1', 9, 12));
+        if (status !== 101) { finish(`http_${status}`); return; }
+        upgraded = true;
+        buf = buf.subarray(end + 4);
+      }
+      if (buf.length < 2) return;
+      let size = buf[1] & 0x7f;
+      let hdr = 2;
+      if (size === 126) { if (buf.length < 4) return; size = buf.readUInt16BE(2); hdr = 4; }
+      else if (size === 127) { if (buf.length < 10) return; size = Number(buf.readBigUInt64BE(2)); hdr = 10; }
+      if (buf.length < hdr + size) return;
+      if ((buf[0] & 0x0f) === 0x8) { finish('closed_before_hello'); return; }
+      hello = true;
+      const lat = performance.now() - t0;
+      counter.hellos++;
+      if (inWindow && measuring) {
+        stats.hist[Math.min(HIST_BINS - 1, Math.floor(lat / HIST_STEP_MS))]++;
+        if (lat > stats.latMax) stats.latMax = lat;
+        stats.latCount++;
+      }
+      sock.write(CLOSE);
+    });
+    sock.on('end', () => finish(hello ? null : (upgraded ? 'closed_before_hello' : 'closed_before_upgrade')));
+    sock.on('close', () => finish(hello ? null : 'closed_before_hello'));
+    sock.on('error', (err) => finish(hello ? null : (err.code || 'socket_error')));
+  });
+
+  let stop = false;
+  const worker = async () => {
+    while (!stop && started < maxCount) await one(started++);
+  };
+  const t0 = performance.now();
+  const workers = Promise.all(Array.from({ length: Math.max(1, cfg.concurrency || 64) }, worker));
+  const warmEnd = t0 + cfg.warmup * 1000;
+  while (performance.now() < warmEnd && started < maxCount) await sleep(10);
+  measuring = true;
+  await startMeasure();
+  const failedAtMark = Object.values(failures).reduce((a, b) => a + b, 0);
+  const endAt = performance.now() + cfg.duration * 1000;
+  while (performance.now() < endAt && started < maxCount) await sleep(20);
+  const m = await endMeasure();
+  measuring = false;
+  stop = true;
+  await Promise.race([workers, sleep(15000)]);
+  result.handshakes = counter.hellos;
+  result.handshakes_in_window = m.deliveries;
+  result.handshakes_per_s = m.seconds > 0 ? Math.round(m.deliveries / m.seconds) : null;
+  result.handshake_failures = failures;
+  result.failed_in_window = Object.values(failures).reduce((a, b) => a + b, 0) - failedAtMark;
+  result.attempted = started;
+  result.tokens = poolSize;
+  result.concurrency = cfg.concurrency || 64;
+  return m;
 }
 
 // ---- measurement ---------------------------------------------------------------------------
@@ -740,7 +1034,12 @@ async function runIdle(result) {
 
 function makeReceiver() {
   const want = cfg.deflate ? 'ws' : (cfg.receiver || 'raw');
-  const total = cfg.subscribers + (cfg.mode === 'idle' ? 10 : 0);
+  let total = cfg.subscribers + (cfg.mode === 'idle' ? 10 : 0);
+  if (cfg.mode === 'handshake') {
+    // wsrecv runs the handshake loop over a pool of distinct users (one token each).
+    if (want !== 'c' || !cfg.wsrecv || !fs.existsSync(cfg.wsrecv)) return new HandshakeCounter();
+    total = Math.max(1, Math.min(cfg.tokens || 20000, maxSeq));
+  }
   if (want === 'c') {
     if (cfg.wsrecv && fs.existsSync(cfg.wsrecv)) return new CReceiver(cfg.wsrecv, total);
     log('wsrecv is not built: using the JavaScript receiver');
@@ -757,12 +1056,20 @@ async function main() {
   if (cfg.mode === 'idle') {
     counted = await runIdle(result);
   } else {
-    await receiver.openMany(cfg.subscribers, cfg.connectConcurrency || 100, cfg.connectTimeout || 120);
-    result.connect_errors = receiver.failed;
-    result.connect_s = +((performance.now() - tStart) / 1000).toFixed(3);
-    log(`${receiver.open}/${cfg.subscribers} subscribers connected in ${result.connect_s} s`);
-    const m = cfg.mode === 'fanout' ? await runFanout(result) : await runSteady(result);
-    counted = await drain(cfg.drainTimeout || 5);
+    let m;
+    if (cfg.mode === 'handshake') {
+      result.receiver = receiver instanceof CReceiver ? 'c' : 'raw';
+      m = await runHandshake(result);
+      counted = { expected: null, received: null };
+    } else {
+      await receiver.openMany(cfg.subscribers, cfg.connectConcurrency || 100, cfg.connectTimeout || 120);
+      result.connect_errors = receiver.failed;
+      result.connect_s = +((performance.now() - tStart) / 1000).toFixed(3);
+      log(`${receiver.open}/${cfg.subscribers} subscribers connected in ${result.connect_s} s`);
+      const run = { fanout: runFanout, multi: runFanout, personal: runPersonal }[cfg.mode] || runSteady;
+      m = await run(result);
+      counted = await drain(cfg.drainTimeout || 5);
+    }
     result.measure_s = +m.seconds.toFixed(3);
     result.measured_deliveries = m.deliveries;
     result.deliveries_per_s = m.seconds > 0 ? Math.round(m.deliveries / m.seconds) : null;
@@ -787,14 +1094,20 @@ async function main() {
   result.loadgen_total_cpu_s = +(end.cpu.loadgen - start.cpu.loadgen).toFixed(3);
   result.loadgen_total_s = +((performance.now() - tStart) / 1000).toFixed(3);
   receiver.accepting = false;
-  await receiver.result();
+  const last = await receiver.result();
+  if (cfg.mode === 'handshake' && last.hs_failures !== undefined) {
+    result.handshakes = last.received;
+    result.handshake_failures = last.hs_failures;
+    result.attempted = last.hs_started;
+  }
   result.published = published;
   result.publish_errors = publishErrors;
   if (publishErrors) result.last_publish_error = lastPublishError;
   result.expected = counted.expected;
   result.received = counted.received;
-  result.lost = counted.expected - counted.received;
+  result.lost = counted.expected === null ? null : counted.expected - counted.received;
   result.out_of_order = stats.outOfOrder;
+  result.misrouted = cfg.userTopics && cfg.mode !== 'handshake' ? stats.misrouted : null;
   result.latency_count = stats.latCount;
   result.p50_ms = quantile(0.5);
   result.p90_ms = quantile(0.9);

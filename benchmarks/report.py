@@ -13,6 +13,12 @@ from benchmarks.servers import BASELINES, SERVERS
 DOC_BEGIN = "<!-- benchmark-results:begin -->"
 DOC_END = "<!-- benchmark-results:end -->"
 HEADLINE_SUBSCRIBERS = 1000
+# The per-user scenarios' headline figures: (summary column, scenario, key); also fanin.png.
+USER_COLUMNS = (
+    ("notifications / server CPU-s (personal)", "personal", "deliveries_per_cpu_s"),
+    ("deliveries / server CPU-s (multi)", "multi", "deliveries_per_cpu_s"),
+    ("handshakes / server CPU-s", "handshake", "handshakes_per_cpu_s"),
+)
 
 
 def _num(value: Any, digits: int = 0) -> str:
@@ -175,7 +181,133 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 rows,
             )
         )
+    parts += _user_tables(by)
     return "\n\n".join(parts) + "\n"
+
+
+def _user_tables(by: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The tables of the per-user scenarios: personal, multi, handshake."""
+    parts = []
+    if "personal" in by:
+        rows = [
+            [
+                x["server"],
+                _num(x["subscribers"]),
+                _num(x["deliveries_per_s"]),
+                _num(x["accepted_per_s"]),
+                _num(x["deliveries_per_cpu_s"]),
+                _busy(x["server_cpu_util"], x["server_busy"]),
+                _num(x["p50_ms"], 1),
+                _num(x["p99_ms"], 1),
+                _num(x["lost"]),
+                _num(x["redis_us_per_notification"], 1),
+                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by["personal"])
+        ]
+        parts.append(
+            "**personal** (one socket per user on its own `user:` topic; one POST per notification "
+            "to one user, as fast as answered; ratio: notifications per server CPU-second)\n\n"
+            + _table(
+                [
+                    "server",
+                    "users",
+                    "notifications/s",
+                    "accepted/s",
+                    "notifications / server CPU-s",
+                    "server CPU / busy",
+                    "p50 ms",
+                    "p99 ms",
+                    "lost",
+                    "redis µs / notification",
+                    "loadgen CPU / busy",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    if "multi" in by:
+        rows = [
+            [
+                x["server"],
+                _num(x["subscribers"]),
+                _num(x["deliveries_per_s"]),
+                _num(x["deliveries_per_cpu_s"]),
+                _busy(x["server_cpu_util"], x["server_busy"]),
+                _num(x["p50_ms"], 1),
+                _num(x["p99_ms"], 1),
+                _num(x["lost"]),
+                _num(x["redis_us_per_notification"], 1),
+                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by["multi"])
+        ]
+        parts.append(
+            "**multi** (each POST names every user's topic, windowed as fanout; "
+            "ratio: deliveries per server CPU-second)\n\n"
+            + _table(
+                [
+                    "server",
+                    "users (topics per POST)",
+                    "deliveries/s",
+                    "deliveries / server CPU-s",
+                    "server CPU / busy",
+                    "p50 ms",
+                    "p99 ms",
+                    "lost",
+                    "redis µs / notification",
+                    "loadgen CPU / busy",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    if "handshake" in by:
+        rows = [
+            [
+                x["server"],
+                _num(x["subscribers"]),
+                _num(x["handshakes_per_s"]),
+                _num(x["handshakes_per_cpu_s"]),
+                _busy(x["server_cpu_util"], x["server_busy"]),
+                _num(x["p50_ms"], 1),
+                _num(x["p99_ms"], 1),
+                _num(sum((x["handshake_failures"] or {}).values())),
+                _num(x["redis_cpu_s"], 2),
+                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
+                _ratios(x),
+                "; ".join(x["errors"]),
+            ]
+            for x in _order(by["handshake"])
+        ]
+        parts.append(
+            "**handshake** (connect as a distinct user, wait for `hello`, close, in a loop; latency "
+            "from connect to `hello`; ratio: handshakes per server CPU-second)\n\n"
+            + _table(
+                [
+                    "server",
+                    "connectors",
+                    "handshakes/s",
+                    "handshakes / server CPU-s",
+                    "server CPU / busy",
+                    "p50 ms",
+                    "p99 ms",
+                    "failed",
+                    "redis CPU-s",
+                    "loadgen CPU / busy",
+                    "notifier ÷ baseline",
+                    "errors",
+                ],
+                rows,
+            )
+        )
+    return parts
 
 
 def _headline(by: dict[str, list[dict[str, Any]]]) -> str:
@@ -193,17 +325,19 @@ def _headline(by: dict[str, list[dict[str, Any]]]) -> str:
                 return x[key]
         return None
 
+    fan_label = f"deliveries / server CPU-s (fanout, {n} subscribers)" if n else "deliveries / server CPU-s"
+    # (header, scenario, key, subscribers, digits), for the scenarios that ran.
+    columns: list[tuple[str, str, str, int | None, int]] = [
+        (fan_label, "fanout", "deliveries_per_cpu_s", n, 0),
+        ("p99 ms (steady)", "steady", "p99_ms", None, 1),
+        ("p99 ms (cluster, nginx)", "cluster", "p99_ms", None, 1),
+        ("KiB / idle connection", "idle_memory", "kib_per_connection", None, 1),
+    ]
+    columns += [(label, scenario, key, None, 0) for label, scenario, key in USER_COLUMNS]
+    columns = [c for c in columns if c[1] in by]
     rows = []
     for s in servers:
-        rows.append(
-            [
-                s,
-                _num(get("fanout", s, "deliveries_per_cpu_s", n)),
-                _num(get("steady", s, "p99_ms"), 1),
-                _num(get("cluster", s, "p99_ms"), 1),
-                _num(get("idle_memory", s, "kib_per_connection"), 1),
-            ]
-        )
+        rows.append([s] + [_num(get(sc, s, key, sub), digits) for _, sc, key, sub, digits in columns])
     ratios = []
     for s in servers:
         if s in BASELINES:
@@ -212,17 +346,11 @@ def _headline(by: dict[str, list[dict[str, Any]]]) -> str:
             if b not in servers:
                 continue
             cells = []
-            for scenario, key, sub in (
-                ("fanout", "deliveries_per_cpu_s", n),
-                ("steady", "p99_ms", None),
-                ("cluster", "p99_ms", None),
-                ("idle_memory", "kib_per_connection", None),
-            ):
+            for _, scenario, key, sub, _ in columns:
                 mine, theirs = get(scenario, s, key, sub), get(scenario, b, key, sub)
                 cells.append(_num(mine / theirs, 2) + "×" if mine is not None and theirs else "–")
             ratios.append([f"{s} ÷ {b}", *cells])
-    fan_label = f"deliveries / server CPU-s (fanout, {n} subscribers)" if n else "deliveries / server CPU-s"
-    header = ["stack", fan_label, "p99 ms (steady)", "p99 ms (cluster, nginx)", "KiB / idle connection"]
+    header = ["stack", *(label for label, *_ in columns)]
     return "**Summary** (this run; ratios are what count on a shared machine)\n\n" + _table(
         header, rows + ratios
     )
@@ -343,6 +471,10 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         rss_png = out / "rss.png"
         made.append(_finish(fig, ax, "idle authenticated connections", "RSS against connections", rss_png))
 
+    fanin = _fanin(lines, out)
+    if fanin is not None:
+        made.append(fanin)
+
     # A soak: a steady run long enough for a leak to show.
     soaks = [
         r
@@ -367,6 +499,39 @@ def plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
             )
         )
     return made
+
+
+def _fanin(lines: list[dict[str, Any]], out: Path) -> Path | None:
+    """fanin.png: one bar chart per per-user scenario, its headline figure per server (the
+    median over repeats, a bar from the lowest to the highest)."""
+    import matplotlib.pyplot as plt
+
+    present = [c for c in USER_COLUMNS if any(x["scenario"] == c[1] and x[c[2]] for x in lines)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 4.2), squeeze=False)
+    for ax, (label, scenario, key) in zip(axes[0], present, strict=True):
+        names, mids, lows, highs, colours = [], [], [], [], []
+        for server in SERVERS:
+            values = [x[key] for x in lines if x["scenario"] == scenario and x["server"] == server and x[key]]
+            if not values:
+                continue
+            mid = statistics.median(values)
+            names.append(server)
+            mids.append(mid)
+            lows.append(mid - min(values))
+            highs.append(max(values) - mid)
+            colours.append(f"C{SERVERS.index(server)}")
+        ax.bar(names, mids, yerr=[lows, highs], capsize=3, color=colours)
+        title = label.replace(" (personal)", "").replace(" (multi)", "")
+        ax.set_title(f"{title}\n({scenario})", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("per-user scenarios: work per server CPU-second (higher is better)")
+    fig.tight_layout()
+    path = _save(fig, out / "fanin.png")
+    plt.close(fig)
+    return path
 
 
 def _finish(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:

@@ -10,7 +10,14 @@ Scenarios (each bounded in count and in time):
   latency from the frame's ``ts`` to receipt, p50/p90/p99/max; lost = expected - received;
 - ``idle_memory``: server RSS before and after opening K idle authenticated connections, in
   steps; KiB per connection (then one notification to all of them: lost must be 0);
-- ``cluster``: ``steady`` through nginx over N instances sharing Redis (``deploy/local-cluster``).
+- ``cluster``: ``steady`` through nginx over N instances sharing Redis (``deploy/local-cluster``);
+- ``personal``: U users, one WebSocket each on its own ``user:`` topic; one POST per notification
+  to one user's topic, as fast as the server answers (a bounded number in flight); notifications
+  (= deliveries) per server CPU-second, each received exactly once by its user;
+- ``multi``: 1,000 such users; each POST names all 1,000 topics (multi-topic publish), windowed as
+  in fanout; deliveries per server CPU-second;
+- ``handshake``: C connectors opening a WebSocket as a distinct user, waiting for ``hello`` and
+  closing, in a loop; handshakes per server CPU-second, connect->hello latency.
 
 The server runs pinned to core 0, the load generator (benchmarks/loadgen.mjs, Node.js, with the
 subscribers held by benchmarks/wsrecv.c) to core 1; CPU seconds are utime+stime from
@@ -47,7 +54,11 @@ HERE = ROOT / "benchmarks"
 LOADGEN = HERE / "loadgen.mjs"
 WSRECV_SOURCE = HERE / "wsrecv.c"
 WSRECV = HERE / ".build" / "wsrecv"
-SCENARIOS = ("fanout", "steady", "idle_memory", "cluster")
+SCENARIOS = ("fanout", "steady", "idle_memory", "cluster", "personal", "multi", "handshake", "storm")
+# One WebSocket per user on its own user:<sub> topic (baselines with their topic registry).
+USER_SCENARIOS = ("personal", "multi", "handshake")
+# personal: at most this many times --notifications (one POST reaches one socket, not N).
+PERSONAL_FACTOR = 5
 TOPIC = "bench"
 # Every result line has exactly these keys (None where they do not apply).
 KEYS = (
@@ -84,6 +95,12 @@ KEYS = (
     "deflate",
     "measure_s",
     "connect_per_s",
+    "accepted_per_s",
+    "misrouted",
+    "redis_us_per_notification",
+    "handshakes_per_s",
+    "handshakes_per_cpu_s",
+    "handshake_failures",
     "ratio_metric",
     "ratios",
     "errors",
@@ -94,6 +111,9 @@ HEADLINE = {
     "steady": ("p99_ms", False),
     "cluster": ("p99_ms", False),
     "idle_memory": ("kib_per_connection", False),
+    "personal": ("deliveries_per_cpu_s", True),
+    "multi": ("deliveries_per_cpu_s", True),
+    "handshake": ("handshakes_per_cpu_s", True),
 }
 MIN_CPU_WINDOW = 0.5  # seconds
 # The load generator's share of the wall time spent running or waiting for its core above
@@ -118,6 +138,12 @@ class Plan:
     upstream: str
     frame_bytes: int
     window: int
+    personal_users: int
+    multi_users: int
+    handshake_concurrency: int
+    handshake_tokens: int
+    publish_sockets: int
+    pipeline: int
     deflate: bool
     receiver: str
     repeat: int
@@ -142,6 +168,9 @@ QUICK = {
     "idle_steps": 5,
     "settle": 0.5,
     "max_notifications": 20000,
+    "personal_users": 1000,
+    "multi_users": 1000,
+    "handshake_concurrency": 64,
 }
 FULL = {
     "subscribers": "100,500,1000,2000,5000,10000",
@@ -152,13 +181,17 @@ FULL = {
     "idle_steps": 10,
     "settle": 1.0,
     "max_notifications": 100000,
+    "personal_users": 2000,
+    "multi_users": 1000,
+    "handshake_concurrency": 64,
 }
 
 
 def parse_args(argv: list[str] | None) -> Plan:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="notifier's benchmark suite: fanout, steady, idle_memory and cluster, against baselines",
+        description="notifier's benchmark suite: fanout, steady, idle_memory, cluster, personal, multi and "
+        "handshake, against baselines",
     )
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter runs (under ~5 minutes)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
@@ -186,6 +219,18 @@ def parse_args(argv: list[str] | None) -> Plan:
     )
     p.add_argument("--frame-bytes", type=int, default=256, help="notification frame size (default 256)")
     p.add_argument("--window", type=int, default=0, help="fanout: notifications in flight (default: by N)")
+    p.add_argument("--personal-users", type=int, help="personal: users (default 2000; 1000 quick)")
+    p.add_argument("--multi-users", type=int, help="multi: users, topics per POST (default 1000)")
+    p.add_argument(
+        "--publish-sockets", type=int, default=32, help="personal: keep-alive publish connections (32)"
+    )
+    p.add_argument(
+        "--pipeline", type=int, default=4, help="personal: POSTs in flight per publish connection (default 4)"
+    )
+    p.add_argument("--handshake-concurrency", type=int, help="handshake: concurrent connectors (default 64)")
+    p.add_argument(
+        "--handshake-tokens", type=int, default=20000, help="handshake: distinct users (default 20000)"
+    )
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate, as browsers do")
     p.add_argument(
         "--receiver",
@@ -222,7 +267,9 @@ def parse_args(argv: list[str] | None) -> Plan:
         return preset[name] if value is None else value
 
     subscribers = [int(x) for x in _csv(str(pick("subscribers")))]
-    if any(n < 1 for n in subscribers) or a.repeat < 1 or a.instances < 1 or a.rate <= 0:
+    users = [pick("personal_users"), pick("multi_users"), pick("handshake_concurrency")]
+    users += [a.handshake_tokens, a.publish_sockets, a.pipeline]
+    if any(n < 1 for n in subscribers + users) or a.repeat < 1 or a.instances < 1 or a.rate <= 0:
         p.error("counts, --repeat, --instances and --rate must be positive")
     return Plan(
         scenarios=scenarios,
@@ -240,6 +287,12 @@ def parse_args(argv: list[str] | None) -> Plan:
         upstream=a.upstream,
         frame_bytes=a.frame_bytes,
         window=a.window,
+        personal_users=pick("personal_users"),
+        multi_users=pick("multi_users"),
+        handshake_concurrency=pick("handshake_concurrency"),
+        handshake_tokens=a.handshake_tokens,
+        publish_sockets=a.publish_sockets,
+        pipeline=a.pipeline,
         deflate=a.deflate,
         receiver="ws" if a.deflate else a.receiver,
         repeat=a.repeat,
@@ -377,6 +430,17 @@ def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict
     # Notifications in flight: enough that both sides batch (several frames per socket read and
     # write), bounded so a subscriber never has more than 64 frames (16 KiB) pending.
     window = plan.window or max(8, min(64, -(-32000 // subscribers)))
+    extra: dict[str, Any] = {}
+    if mode in USER_SCENARIOS:
+        extra["userTopics"] = True
+    if mode == "personal":
+        extra.update(
+            maxNotifications=plan.max_notifications * PERSONAL_FACTOR,
+            publishSockets=plan.publish_sockets,
+            pipeline=plan.pipeline,
+        )
+    if mode == "handshake":
+        extra.update(concurrency=subscribers, tokens=plan.handshake_tokens)
     return {
         "mode": mode,
         "wsUrl": target.ws_url,
@@ -398,6 +462,7 @@ def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict
         "steps": plan.idle_steps,
         "connectConcurrency": 100,
         "connectTimeout": 30 + subscribers / 100,
+        **extra,
     }
 
 
@@ -419,6 +484,14 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         errors.append("fan-out stalled")
     if lg.get("out_of_order"):
         errors.append(f"{lg['out_of_order']} frames out of id order")
+    if lg.get("misrouted"):
+        errors.append(f"{lg['misrouted']} notifications reached another user")
+    if lg.get("unanswered"):
+        errors.append(f"{lg['unanswered']} POSTs unanswered")
+    failures: dict[str, int] = lg.get("handshake_failures") or {}
+    if failures:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(failures.items()))
+        errors.append(f"{sum(failures.values())} handshakes failed ({kinds})")
     if scenario == "idle_memory":
         loadgen_cpu, loadgen_util = lg.get("loadgen_total_cpu_s"), None
         if lg.get("loadgen_total_s"):
@@ -431,6 +504,12 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         if scenario != "idle_memory":
             loadgen_util = None
         lg = {**lg, "server_cpu_util": None, "server_busy": None, "loadgen_busy": None}
+    handshake = scenario == "handshake"
+    redis_cpu = cpu.get("redis")
+    per_cpu_s = round(measured / server_cpu) if measured and server_cpu else None
+    per_notification = None
+    if scenario in ("personal", "multi") and redis_cpu is not None and measured and server_cpu:
+        per_notification = round(redis_cpu * 1e6 / measured, 1)
     line: dict[str, Any] = {
         "scenario": scenario,
         "server": server,
@@ -438,9 +517,9 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         "instances": target.info.get("instances"),
         "upstream": target.info.get("upstream"),
         "subscribers": lg.get("subscribers"),
-        "published": lg.get("published"),
-        "deliveries_per_s": lg.get("deliveries_per_s"),
-        "deliveries_per_cpu_s": round(measured / server_cpu) if measured and server_cpu else None,
+        "published": None if handshake else lg.get("published"),
+        "deliveries_per_s": None if handshake else lg.get("deliveries_per_s"),
+        "deliveries_per_cpu_s": None if handshake else per_cpu_s,
         "server_cpu_s": server_cpu,
         "server_cpu_util": lg.get("server_cpu_util"),
         "server_busy": lg.get("server_busy"),
@@ -465,6 +544,12 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         "deflate": lg.get("deflate"),
         "measure_s": lg.get("measure_s"),
         "connect_per_s": round(lg["connected"] / lg["connect_s"]) if lg.get("connect_s") else None,
+        "accepted_per_s": lg.get("accepted_per_s"),
+        "misrouted": lg.get("misrouted"),
+        "redis_us_per_notification": per_notification,
+        "handshakes_per_s": lg.get("handshakes_per_s"),
+        "handshakes_per_cpu_s": per_cpu_s if handshake else None,
+        "handshake_failures": failures if handshake else None,
         "ratio_metric": HEADLINE[scenario][0],
         "ratios": None,
         "errors": errors,
@@ -482,12 +567,11 @@ def run_one(
     dep = Deployment(logdir)
     try:
         if scenario == "cluster":
-            target = start_cluster(
-                dep, server, secret, plan.instances, server_core, load_core, plan.upstream
-            )
+            target = start_cluster(dep, server, secret, plan.instances, server_core, load_core, plan.upstream)
         else:
-            target = start_single(dep, server, secret, server_core, load_core)
-        mode = {"fanout": "fanout", "steady": "steady", "cluster": "steady", "idle_memory": "idle"}[scenario]
+            target = start_single(dep, server, secret, server_core, load_core, scenario in USER_SCENARIOS)
+        modes = {"steady": "steady", "cluster": "steady", "idle_memory": "idle"}
+        mode = modes.get(scenario, scenario)
         # One RSS reading per second in short runs, about 100 per run in long ones (a soak).
         with RssSampler(target.pids["server"], max(1.0, plan.duration / 100)) as rss:
             lg = run_loadgen(plan, loadgen_cfg(plan, target, mode, subscribers), load_core, logdir)
@@ -534,12 +618,20 @@ def groups(plan: Plan) -> Iterator[tuple[str, int, list[str]]]:
     """(scenario, subscribers, servers in run order: baselines first, so notifier lines carry ratios)."""
     order = sorted(plan.servers, key=lambda s: (s not in BASELINES, SERVERS.index(s)))
     for scenario in plan.scenarios:
+        if scenario == "storm":
+            continue  # notifier only, on a cluster of its own: see benchmarks/storm.py, run by main()
         servers = [s for s in order if not (scenario == "cluster" and s == "notifier-memory")]
         if scenario == "fanout":
             for n in plan.subscribers:
                 yield scenario, n, servers
         elif scenario == "idle_memory":
             yield scenario, plan.connections, servers
+        elif scenario == "personal":
+            yield scenario, plan.personal_users, servers
+        elif scenario == "multi":
+            yield scenario, plan.multi_users, servers
+        elif scenario == "handshake":
+            yield scenario, plan.handshake_concurrency, servers
         else:
             yield scenario, plan.steady_subscribers, servers
 
@@ -644,6 +736,12 @@ def median_lines(lines: list[dict[str, Any]]) -> dict[str, Any]:
             values = [x[key] for x in lines if isinstance(x.get(key), int | float)]
             merged[key] = statistics.median(values) if values else value
     merged["errors"] = sorted({e for x in lines for e in x["errors"]})
+    if merged.get("handshake_failures") is not None:
+        failures: dict[str, int] = {}
+        for x in lines:
+            for kind, n in (x.get("handshake_failures") or {}).items():
+                failures[kind] = failures.get(kind, 0) + n
+        merged["handshake_failures"] = failures  # every repeat's, summed
     return merged
 
 
@@ -666,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.meta = metadata(plan)
     secret = secrets.token_urlsafe(32)
     out: list[dict[str, Any]] = []
+    storms: list[dict[str, Any]] = []
     started = time.monotonic()
     with cleanup_on_signals():
         try:
@@ -684,6 +783,19 @@ def main(argv: list[str] | None = None) -> int:
                             add_ratios(line, baselines)
                         print(json.dumps(line), flush=True)
                         out.append(details)
+                if "storm" in plan.scenarios and "notifier" in plan.servers:
+                    # 10,000 clients on three instances, one killed (SIGKILL; SIGTERM too in a
+                    # full run); 1,000 and SIGKILL only in --quick.
+                    from benchmarks.storm import run_storm
+
+                    signals = ("kill",) if plan.quick else ("kill", "term")
+                    for line in run_storm(
+                        clients=1000 if plan.quick else 10000, signals=signals, quick=plan.quick,
+                        pin=plan.pin, verbose=plan.verbose,
+                    ):  # fmt: skip
+                        line["repeat"] = rep
+                        print(json.dumps(line), flush=True)
+                        storms.append(line)
             if plan.profile:
                 from benchmarks.profile import profile_fanout
 
@@ -698,8 +810,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.meta["elapsed_s"] = round(time.monotonic() - started, 1)
     summary = summarize(out)
     plan.out.mkdir(parents=True, exist_ok=True)
-    (plan.out / "latest.json").write_text(json.dumps({"meta": plan.meta, "runs": out}, indent=1) + "\n")
+    (plan.out / "latest.json").write_text(
+        json.dumps({"meta": plan.meta, "runs": out, "storm": storms}, indent=1) + "\n"
+    )
     table = report.markdown(summary, plan.meta)
+    if storms:
+        from benchmarks.storm import table as storm_table
+
+        table += "\n**storm** (three instances behind nginx, one killed; see benchmarks/storm.py)\n\n"
+        table += storm_table(storms) + "\n"
     (plan.out / "latest.md").write_text(table)
     if not plan.json_only:
         print()

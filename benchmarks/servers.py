@@ -8,6 +8,9 @@
 - ``fastapi_manager``: the FastAPI textbook ``ConnectionManager`` (benchmarks/baselines);
 - ``ws_broadcast``: plain ``websockets`` with ``websockets.broadcast()`` (benchmarks/baselines).
 
+In the per-user scenarios (``personal``, ``multi``, ``handshake``) the baselines run with
+``--topics``: a minimal ``topic -> set of sockets`` registry, so a POST reaches one user's socket.
+
 The ``cluster`` scenario puts nginx in front: for notifier, ``deploy/local-cluster``; for a
 baseline, which has no broker, one instance behind the same nginx configuration, reached the
 same way (a Unix socket unless ``--upstream tcp``). The instances of a cluster share the one
@@ -139,12 +142,16 @@ class Deployment:
         wait_for(lambda: http_status(url) == 200, url, [proc], 30)
         return proc, port
 
-    def baseline(self, kind: str, core: int | None, uds: str | None = None) -> tuple[Proc, int, str]:
+    def baseline(
+        self, kind: str, core: int | None, uds: str | None = None, topics: bool = False
+    ) -> tuple[Proc, int, str]:
         """A baseline server: (process, WebSocket port, publish URL); with ``uds``, its WebSocket
-        endpoint also listens on that Unix socket (for nginx)."""
+        endpoint also listens on that Unix socket (for nginx); with ``topics``, its minimal topic
+        registry (``?topics=`` per socket, POSTs to a topic's sockets only)."""
         port = free_port()
         script = str(BASELINE_DIR / f"{kind}.py")
         argv = [sys.executable, script, "--port", str(port)] + (["--uds", uds] if uds else [])
+        argv += ["--topics"] if topics else []
         if kind == "fastapi_manager":
             http_port = port
         else:
@@ -208,9 +215,15 @@ def nginx_pids(master: int) -> list[int]:
 
 
 def start_single(
-    dep: Deployment, kind: str, secret: str, server_core: int | None, aux_core: int | None
+    dep: Deployment,
+    kind: str,
+    secret: str,
+    server_core: int | None,
+    aux_core: int | None,
+    topics: bool = False,
 ) -> Target:
-    """One server process pinned to ``server_core`` (its redis-server, if any, on ``aux_core``)."""
+    """One server process pinned to ``server_core`` (its redis-server, if any, on ``aux_core``);
+    ``topics``: a baseline with its topic registry (the per-user scenarios)."""
     if kind in ("notifier", "notifier-memory"):
         pids: dict[str, list[int]] = {}
         broker = "memory://"
@@ -226,7 +239,7 @@ def start_single(
             pids,
             {"broker": broker.split(":")[0], "instances": 1},
         )
-    proc, port, publish_url = dep.baseline(kind, server_core)
+    proc, port, publish_url = dep.baseline(kind, server_core, topics=topics)
     return Target(
         f"ws://127.0.0.1:{port}/v1/ws",
         publish_url,
@@ -285,8 +298,16 @@ def _local_cluster(
     env = clean_env(NOTIFIER_JWT_SECRET=secret, **NOTIFIER_ENV)
     proc = dep.spawn(
         "local-cluster",
-        [sys.executable, str(LOCAL_CLUSTER), "--instances", str(instances), "--port", str(port),
-         "--upstream", upstream],
+        [
+            sys.executable,
+            str(LOCAL_CLUSTER),
+            "--instances",
+            str(instances),
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+        ],
         env=env,
         core=core,
     )
@@ -314,7 +335,8 @@ def _local_cluster(
             pids["redis"].append(pid)
     if core is not None:
         every_core = set(range(os.cpu_count() or 1))
-        moves = [(pid, {aux_core}) for pid in pids["redis"]] + [(pid, every_core) for pid in pids["nginx"]]
+        redis_cores = every_core if aux_core is None else {aux_core}
+        moves = [(pid, redis_cores) for pid in pids["redis"]] + [(pid, every_core) for pid in pids["nginx"]]
         for pid, cores in moves:
             try:
                 os.sched_setaffinity(pid, cores)

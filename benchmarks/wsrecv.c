@@ -7,10 +7,18 @@
  * with the system C compiler (cc -O2); loadgen.mjs falls back to its own JavaScript client when
  * it is missing.
  *
- *   wsrecv HOST PORT PATHS_FILE MAX_SEQ
+ *   wsrecv HOST PORT PATHS_FILE MAX_SEQ [USER_TOPICS]
  *
  * PATHS_FILE: one request target per line (/v1/ws?topics=...&token=...), subscriber i uses
- * line i. Commands, one per line on stdin; answers, one per line on stdout:
+ * line i. USER_TOPICS 1 (the per-user scenarios): subscriber i is user bench<i> and must only
+ * receive notifications of topic user:bench<i>; any other is counted as "misrouted".
+ * The handshake scenario drives a loop instead of holding subscribers:
+ *   hs CONC MAX            keep CONC handshakes going: connect, upgrade with the next line of
+ *                          PATHS_FILE (in a cycle), wait for the first frame (hello), send a close
+ *                          frame, wait for the server to close; at most MAX in all. "received"
+ *                          (in m/n answers) counts hellos; connect->hello latency is recorded for
+ *                          handshakes started after "mark"; failures are counted by kind
+ *   hsstop                 start no more Commands, one per line on stdin; answers, one per line on stdout:
  *   open K CONC TIMEOUT_S  open the next K subscribers, CONC handshakes at a time; a subscriber
  *                          counts once its first frame (hello) arrived -> "opened OPEN FAILED"
  *   mark SEQ               latency is recorded for notifications with seq >= SEQ -> "m RECEIVED READS"
@@ -70,9 +78,29 @@ static uint8_t *skipped;
 static int64_t max_seq;
 static uint32_t *hist;
 static double lat_max;
-static uint64_t lat_count, received, out_of_order, reads, frame_bytes, frame_samples;
+static uint64_t lat_count, received, out_of_order, reads, frame_bytes, frame_samples, misrouted;
+static int user_topics;
 static int64_t measure_from = INT64_MAX, done_upto = 0, highest_seq = 0;
 static int open_count, failed_count;
+/* the handshake loop (command "hs"): its own slots, tagged in epoll data with HS_TAG */
+#define HS_TAG (1ULL << 62)
+#define HS_TIMEOUT_S 10.0
+enum { HS_FREE, HS_CONNECTING, HS_UPGRADING, HS_CLOSING };
+typedef struct {
+    int fd, state;
+    int64_t k; /* the k-th handshake: line k % npaths of PATHS_FILE */
+    double started, deadline;
+    char buf[1024];
+    size_t len;
+} HsConn;
+static HsConn *hs;
+static int hs_conc, hs_running;
+static int64_t hs_max, hs_started;
+static double hs_mark = -1; /* mono seconds of "mark": latency of handshakes started after it */
+/* failures by kind: "timeout", "close_timeout", "closed_before_hello", "connect_error", "http_<status>" */
+#define HS_KINDS 32
+static char hs_kind[HS_KINDS][32];
+static uint64_t hs_fail[HS_KINDS];
 static char rbuf[READ_SIZE];
 /* the batch being opened: subscribers [batch_start, batch_end) */
 static int batch_start, batch_end, open_conc, opening, dropping;
@@ -161,6 +189,7 @@ static int64_t read_int(const char *p, const char *end, const char **after) {
 }
 
 static const char HEAD[] = "{\"type\":\"notification\",\"id\":\"";
+static const char USER_TOPIC[] = "\"topic\":\"user:bench";
 
 static void on_message(Conn *c, const char *m, size_t n) {
     double at = now_ms();
@@ -190,6 +219,13 @@ static void on_message(Conn *c, const char *m, size_t n) {
         if (q) ts = read_int(q + 5, end, &p);
     }
     if (seq < 0 || seq > max_seq) return;
+    if (user_topics) {
+        const char *u = memmem(m, n, USER_TOPIC, sizeof USER_TOPIC - 1);
+        const char *after = NULL;
+        if (!u || read_int(u + sizeof USER_TOPIC - 1, end, &after) != (int64_t)(c - conns) || after >= end ||
+            *after != '"')
+            misrouted++;
+    }
     if (id >= 0) {
         if (id <= c->last_id) out_of_order++;
         c->last_id = id;
@@ -372,16 +408,164 @@ static void pump_open(void) {
     }
 }
 
+static void hs_failed(const char *kind) {
+    for (int k = 0; k < HS_KINDS; k++) {
+        if (hs_kind[k][0] == 0) snprintf(hs_kind[k], sizeof hs_kind[k], "%s", kind);
+        if (strcmp(hs_kind[k], kind) == 0) {
+            hs_fail[k]++;
+            return;
+        }
+    }
+}
+
+static void hs_end(HsConn *h, const char *failure) {
+    if (failure) hs_failed(failure);
+    if (h->fd >= 0) {
+        epoll_ctl(ep, EPOLL_CTL_DEL, h->fd, NULL);
+        close(h->fd);
+    }
+    h->fd = -1;
+    h->state = HS_FREE;
+}
+
+static void hs_start(int slot) {
+    HsConn *h = &hs[slot];
+    h->len = 0;
+    h->k = hs_started;
+    h->started = mono_s();
+    h->deadline = h->started + HS_TIMEOUT_S;
+    h->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    hs_started++;
+    if (h->fd < 0) {
+        hs_end(h, "socket_error");
+        return;
+    }
+    int one = 1;
+    setsockopt(h->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(h->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+        hs_end(h, "connect_error");
+        return;
+    }
+    h->state = HS_CONNECTING;
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = HS_TAG | (uint64_t)slot};
+    epoll_ctl(ep, EPOLL_CTL_ADD, h->fd, &ev);
+}
+
+/* Start handshakes in free slots; time out stuck ones. */
+static void hs_pump(void) {
+    double now = mono_s();
+    for (int i = 0; i < hs_conc; i++) {
+        HsConn *h = &hs[i];
+        if (h->state != HS_FREE && now > h->deadline) hs_end(h, h->state == HS_CLOSING ? "close_timeout" : "timeout");
+        if (h->state == HS_FREE && hs_running && hs_started < hs_max) hs_start(i);
+    }
+}
+
+static void hs_event(int slot, uint32_t events) {
+    HsConn *h = &hs[slot];
+    if (h->state == HS_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(h->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) {
+            hs_end(h, "connect_error");
+            return;
+        }
+        const char *path = paths[h->k % npaths];
+        char req[8192];
+        int n = snprintf(req, sizeof req,
+                         "GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                         path, inet_ntoa(addr.sin_addr), ntohs(addr.sin_port));
+        if (n <= 0 || n >= (int)sizeof req || send(h->fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+            hs_end(h, "send_error");
+            return;
+        }
+        h->state = HS_UPGRADING;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = HS_TAG | (uint64_t)slot};
+        epoll_ctl(ep, EPOLL_CTL_MOD, h->fd, &ev);
+        return;
+    }
+    if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
+    if (h->state == HS_CLOSING) { /* the server's close frame, then its FIN: done */
+        ssize_t got = recv(h->fd, rbuf, READ_SIZE, 0);
+        if (got > 0 || (got < 0 && (errno == EAGAIN || errno == EINTR))) return;
+        hs_end(h, NULL);
+        return;
+    }
+    ssize_t got = recv(h->fd, h->buf + h->len, sizeof h->buf - h->len, 0);
+    if (got < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (got <= 0) {
+        hs_end(h, "closed_before_hello");
+        return;
+    }
+    reads++;
+    h->len += (size_t)got;
+    char *end = memmem(h->buf, h->len, "\r\n\r\n", 4);
+    if (!end) {
+        if (h->len == sizeof h->buf) hs_end(h, "bad_answer");
+        return;
+    }
+    if (h->len < 12 || memcmp(h->buf + 9, "101", 3) != 0) {
+        char kind[32];
+        snprintf(kind, sizeof kind, "http_%.3s", h->len >= 12 ? h->buf + 9 : "???");
+        hs_end(h, kind);
+        return;
+    }
+    /* the first frame after the headers: a complete one is the hello */
+    const unsigned char *f = (const unsigned char *)end + 4;
+    size_t have = h->len - (size_t)((const char *)f - h->buf);
+    if (have < 2) return;
+    size_t size = f[1] & 0x7f, hdr = 2;
+    if (size == 126) {
+        if (have < 4) return;
+        size = ((size_t)f[2] << 8) | f[3];
+        hdr = 4;
+    } else if (size == 127) {
+        hs_end(h, "bad_answer");
+        return;
+    }
+    if (have < hdr + size) {
+        if (h->len == sizeof h->buf) hs_end(h, "bad_answer");
+        return;
+    }
+    if ((f[0] & 0x0f) == 8) {
+        hs_end(h, "closed_before_hello");
+        return;
+    }
+    received++; /* a hello */
+    if (hs_mark >= 0 && h->started >= hs_mark) {
+        double lat = (mono_s() - h->started) * 1e3;
+        size_t bin = (size_t)(lat / HIST_STEP_MS);
+        if (bin >= HIST_BINS) bin = HIST_BINS - 1;
+        hist[bin]++;
+        if (lat > lat_max) lat_max = lat;
+        lat_count++;
+    }
+    static const char close_frame[] = {(char)0x88, (char)0x82, 0, 0, 0, 0, 0x03, (char)0xe8};
+    if (send(h->fd, close_frame, sizeof close_frame, MSG_NOSIGNAL) != (ssize_t)sizeof close_frame) {
+        hs_end(h, NULL); /* the hello counted: the server went first */
+        return;
+    }
+    h->state = HS_CLOSING;
+    h->deadline = mono_s() + HS_TIMEOUT_S;
+}
+
 static void result(void) {
     /* hist as [[bin, count], ...] of its non-empty bins */
     size_t cap = 1 << 16, len = 0;
     char *out = malloc(cap);
     len += (size_t)snprintf(out, cap,
-                            "{\"received\":%llu,\"out_of_order\":%llu,\"lat_count\":%llu,\"lat_max\":%.3f,"
-                            "\"reads\":%llu,\"frame_bytes\":%llu,\"frame_samples\":%llu,\"open\":%d,\"hist\":[",
+                            "{\"received\":%llu,\"out_of_order\":%llu,\"misrouted\":%llu,\"lat_count\":%llu,\"lat_max\":%.3f,"
+                            "\"reads\":%llu,\"frame_bytes\":%llu,\"frame_samples\":%llu,\"open\":%d",
                             (unsigned long long)received, (unsigned long long)out_of_order,
-                            (unsigned long long)lat_count, lat_max, (unsigned long long)reads,
+                            (unsigned long long)misrouted, (unsigned long long)lat_count, lat_max, (unsigned long long)reads,
                             (unsigned long long)frame_bytes, (unsigned long long)frame_samples, open_count);
+    len += (size_t)snprintf(out + len, cap - len, ",\"hs_started\":%lld,\"hs_failures\":{", (long long)hs_started);
+    for (int k = 0; k < HS_KINDS && hs_kind[k][0]; k++)
+        len += (size_t)snprintf(out + len, cap - len, "%s\"%s\":%llu", k ? "," : "", hs_kind[k],
+                                (unsigned long long)hs_fail[k]);
+    len += (size_t)snprintf(out + len, cap - len, "},\"hist\":[");
     int first = 1;
     for (size_t b = 0; b < HIST_BINS; b++) {
         if (!hist[b]) continue;
@@ -422,8 +606,19 @@ static void on_command(char *line) {
         for (int i = 0; i < nconns; i++) conn_close(&conns[i], 1000);
         dropping = 0;
         say("dropped\n");
+    } else if (sscanf(line, "hs %d %lld", &conc, &a) == 2) {
+        hs_conc = conc > 0 ? conc : 1;
+        hs_max = a;
+        hs = calloc((size_t)hs_conc, sizeof *hs);
+        if (!hs || npaths == 0) exit(2);
+        for (int i = 0; i < hs_conc; i++) hs[i].fd = -1;
+        hs_running = 1;
+        hs_pump();
+    } else if (strcmp(line, "hsstop") == 0) {
+        hs_running = 0;
     } else if (sscanf(line, "mark %lld", &a) == 1) {
         measure_from = a;
+        if (hs) hs_mark = mono_s();
         say("m %llu %llu\n", (unsigned long long)received, (unsigned long long)reads);
     } else if (strcmp(line, "count") == 0) {
         say("n %llu %llu\n", (unsigned long long)received, (unsigned long long)reads);
@@ -457,10 +652,11 @@ static void on_stdin(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: wsrecv HOST PORT PATHS_FILE MAX_SEQ\n");
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: wsrecv HOST PORT PATHS_FILE MAX_SEQ [USER_TOPICS]\n");
         return 2;
     }
+    user_topics = argc == 6 && atoi(argv[5]) == 1;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)atoi(argv[2]));
@@ -500,10 +696,14 @@ int main(int argc, char **argv) {
 
     struct epoll_event evs[512];
     for (;;) {
-        int got = epoll_wait(ep, evs, 512, opening ? 20 : 200);
+        int got = epoll_wait(ep, evs, 512, opening || hs ? 20 : 200);
         for (int i = 0; i < got; i++) {
             if (evs[i].data.u64 == STDIN_TAG) {
                 on_stdin();
+                continue;
+            }
+            if (evs[i].data.u64 & HS_TAG) {
+                hs_event((int)(evs[i].data.u64 & ~HS_TAG), evs[i].events);
                 continue;
             }
             Conn *c = &conns[evs[i].data.u64];
@@ -515,5 +715,6 @@ int main(int argc, char **argv) {
             }
         }
         if (opening) pump_open();
+        if (hs) hs_pump();
     }
 }

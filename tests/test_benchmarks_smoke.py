@@ -76,6 +76,48 @@ def test_every_scenario_prints_a_json_line_and_loses_nothing(tmp_path: Path) -> 
     assert (tmp_path / "latest.md").read_text().count("| notifier") >= 1
 
 
+def test_per_user_scenarios_print_a_json_line_and_lose_nothing(tmp_path: Path) -> None:
+    """personal, multi and handshake (one socket per user on its own user: topic; the baselines
+    with their topic registry), tiny: every notification reaches its user exactly once (lost 0,
+    none misrouted, no repeated id), every handshake gets its hello."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"the benchmark needs {', '.join(missing)}")
+    scenarios = ("personal", "multi", "handshake")
+    argv = [
+        sys.executable, "-m", "benchmarks",
+        "--scenarios", ",".join(scenarios), "--servers", ",".join(SERVERS),
+        "--personal-users", "6", "--multi-users", "4", "--handshake-concurrency", "3",
+        "--handshake-tokens", "5", "--publish-sockets", "2", "--pipeline", "2",
+        "--notifications", "12", "--duration", "0.3", "--warmup", "0.1",
+        "--out", str(tmp_path), "--json-only",
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"status {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip().startswith("{")]
+    seen = {(line["scenario"], line["server"]) for line in lines}
+    assert seen == {(scenario, server) for scenario in scenarios for server in SERVERS}, done.stdout
+    assert len(lines) == len(seen)
+    for line in lines:
+        assert REQUIRED_KEYS <= line.keys(), REQUIRED_KEYS - line.keys()
+        assert line["errors"] == [], line
+        assert line["out_of_order"] == 0, line
+        if line["server"] == "notifier":
+            assert set(line["ratios"]) == {"fastapi_manager", "ws_broadcast"}, line
+        if line["scenario"] == "handshake":
+            assert line["handshake_failures"] == {}, line
+            assert line["ratio_metric"] == "handshakes_per_cpu_s", line
+        else:
+            assert line["lost"] == 0 and line["misrouted"] == 0, line
+            assert line["published"] and line["published"] >= 1, line
+            assert line["subscribers"] == (6 if line["scenario"] == "personal" else 4), line
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert len(results["runs"]) == len(lines)
+    table = (tmp_path / "latest.md").read_text()
+    assert "**personal**" in table and "**multi**" in table and "**handshake**" in table, table
+
+
 def test_broker_cost_prints_the_table() -> None:
     """benchmarks/broker_cost.py (docs/performance.md, "Broker side: one Redis vs three shards"),
     tiny: one Redis, a one-node cluster and three shards, one round each."""

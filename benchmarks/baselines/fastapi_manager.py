@@ -11,7 +11,13 @@ exactly like notifier, neither on the fan-out path:
   builds the same notification frame as notifier (``ts`` = acceptance time in unix ms) once and
   broadcasts it to every socket. No auth, no topics, no queues, no metrics.
 
-    python benchmarks/baselines/fastapi_manager.py --port 8001
+With ``--topics`` (the ``personal``, ``multi`` and ``handshake`` scenarios), a minimal topic
+registry on top: a socket opened with ``?topics=a,b`` is also kept in ``topic -> set of sockets``,
+a POST ``{"topic", "data"}`` goes to that topic's sockets only, and a POST ``{"topics": [...],
+"data"}`` sends one notification (own id, same ``ts``) to each topic's sockets, answering
+``{"notifications": [{"id", "topic", "ts"}, ...]}`` as notifier does. Still no auth, no queues.
+
+    python benchmarks/baselines/fastapi_manager.py --port 8001 [--topics]
 """
 
 from __future__ import annotations
@@ -48,28 +54,62 @@ class ConnectionManager:
 app = FastAPI()
 manager = ConnectionManager()
 ids = itertools.count(1)
+# --topics: topic -> the sockets subscribed to it (without it: the textbook broadcast to every socket).
+TOPICS: dict[str, set[WebSocket]] = {}
+OPTIONS = {"topics": False}
 
 
 @app.websocket("/v1/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     await manager.connect(websocket)
+    mine = [t for t in websocket.query_params.get("topics", "").split(",") if t] if OPTIONS["topics"] else []
+    for topic in mine:
+        TOPICS.setdefault(topic, set()).add(websocket)
     await websocket.send_text('{"type":"hello"}')
     try:
         while True:
             await websocket.receive_text()
     except WebSocketDisconnect:
         manager.disconnect(websocket)
+    finally:
+        for topic in mine:
+            sockets = TOPICS.get(topic)
+            if sockets is not None:
+                sockets.discard(websocket)
+                if not sockets:
+                    del TOPICS[topic]
+
+
+def _frame(topic: str, data: Any, ts: int) -> tuple[str, str]:
+    id_ = str(next(ids))
+    frame = json.dumps(
+        {"type": "notification", "id": id_, "topic": topic, "data": data, "ts": ts}, separators=(",", ":")
+    )
+    return id_, frame
+
+
+async def _to_topic(topic: str, frame: str) -> None:
+    for connection in list(TOPICS.get(topic, ())):
+        await connection.send_text(frame)
 
 
 @app.post("/v1/notifications", status_code=202)
 async def publish(request: Request) -> JSONResponse:
     body: dict[str, Any] = await request.json()
-    id_, topic, ts = str(next(ids)), body["topic"], int(time.time() * 1000)
-    frame = json.dumps(
-        {"type": "notification", "id": id_, "topic": topic, "data": body["data"], "ts": ts},
-        separators=(",", ":"),
-    )
-    await manager.broadcast(frame)
+    ts = int(time.time() * 1000)
+    if OPTIONS["topics"] and "topics" in body:
+        answers = []
+        for topic in body["topics"]:
+            id_, frame = _frame(topic, body["data"], ts)
+            await _to_topic(topic, frame)
+            answers.append({"id": id_, "topic": topic, "ts": ts})
+        return JSONResponse({"notifications": answers}, status_code=202)
+    topic = body["topic"]
+    id_, frame = _frame(topic, body["data"], ts)
+    if OPTIONS["topics"]:
+        await _to_topic(topic, frame)
+    else:
+        await manager.broadcast(frame)
     return JSONResponse({"id": id_, "topic": topic, "ts": ts}, status_code=202)
 
 
@@ -83,7 +123,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--uds", help="also listen on this Unix socket (for nginx on the same host)")
+    parser.add_argument("--topics", action="store_true", help="the topic registry (see above)")
     args = parser.parse_args()
+    OPTIONS["topics"] = args.topics
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     sockets = [config.bind_socket()]
     if args.uds:

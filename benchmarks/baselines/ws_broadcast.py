@@ -11,7 +11,14 @@ Publishing goes through a tiny HTTP/1.1 endpoint on a second port (``websockets`
 GET): ``POST /v1/notifications`` ``{"topic", "data"}`` -> 202 ``{"id", "topic", "ts"}``, with
 keep-alive; ``GET /healthz`` -> 200.
 
-    python benchmarks/baselines/ws_broadcast.py --port 8002 --http-port 8003 [--no-uvloop]
+With ``--topics`` (the ``personal``, ``multi`` and ``handshake`` scenarios), a minimal topic
+registry instead of the one set: a socket opened with ``?topics=a,b`` is kept in
+``topic -> set of sockets``, a POST ``{"topic", "data"}`` is ``broadcast()`` to that topic's
+sockets only, and a POST ``{"topics": [...], "data"}`` sends one notification (own id, same
+``ts``) to each topic's sockets, answering ``{"notifications": [{"id", "topic", "ts"}, ...]}``
+as notifier does. Still no auth, no backpressure.
+
+    python benchmarks/baselines/ws_broadcast.py --port 8002 --http-port 8003 [--no-uvloop] [--topics]
 """
 
 from __future__ import annotations
@@ -24,15 +31,23 @@ import json
 import os
 import signal
 import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve, unix_serve
 
 CLIENTS: set[ServerConnection] = set()
+# --topics: topic -> the sockets subscribed to it, instead of CLIENTS.
+TOPICS: dict[str, set[ServerConnection]] = {}
+OPTIONS = {"topics": False}
 ids = itertools.count(1)
 REASONS = {200: "OK", 202: "Accepted", 404: "Not Found", 422: "Unprocessable Entity"}
 
 
 async def handler(websocket: ServerConnection) -> None:
+    if OPTIONS["topics"]:
+        await topic_handler(websocket)
+        return
     CLIENTS.add(websocket)
     try:
         await websocket.send('{"type":"hello"}')
@@ -42,16 +57,47 @@ async def handler(websocket: ServerConnection) -> None:
         CLIENTS.discard(websocket)
 
 
+async def topic_handler(websocket: ServerConnection) -> None:
+    query = parse_qs(urlsplit(websocket.request.path if websocket.request else "").query)
+    mine = [t for t in ",".join(query.get("topics", [])).split(",") if t]
+    for topic in mine:
+        TOPICS.setdefault(topic, set()).add(websocket)
+    try:
+        await websocket.send('{"type":"hello"}')
+        async for _ in websocket:
+            pass
+    finally:
+        for topic in mine:
+            sockets = TOPICS.get(topic)
+            if sockets is not None:
+                sockets.discard(websocket)
+                if not sockets:
+                    del TOPICS[topic]
+
+
+def notification(topic: str, data: Any, ts: int) -> dict[str, Any]:
+    """Build one notification frame and hand it to ``broadcast()``: to the topic's sockets with
+    --topics, else to every socket. Returns the publish answer's entry."""
+    id_ = str(next(ids))
+    frame = {"type": "notification", "id": id_, "topic": topic, "data": data, "ts": ts}
+    sockets = TOPICS.get(topic, ()) if OPTIONS["topics"] else CLIENTS
+    broadcast(sockets, json.dumps(frame, separators=(",", ":")))
+    return {"id": id_, "topic": topic, "ts": ts}
+
+
 def publish(body: bytes) -> tuple[int, bytes]:
     try:
         request = json.loads(body)
-        topic, data = request["topic"], request["data"]
+        data = request["data"]
+        topics = request["topics"] if OPTIONS["topics"] and "topics" in request else [request["topic"]]
     except (ValueError, KeyError, TypeError):
         return 422, b'{"detail":"want an object with topic and data"}'
-    id_, ts = str(next(ids)), int(time.time() * 1000)
-    frame = {"type": "notification", "id": id_, "topic": topic, "data": data, "ts": ts}
-    broadcast(CLIENTS, json.dumps(frame, separators=(",", ":")))
-    return 202, json.dumps({"id": id_, "topic": topic, "ts": ts}, separators=(",", ":")).encode()
+    ts = int(time.time() * 1000)
+    if OPTIONS["topics"] and "topics" in request:
+        answer: dict[str, Any] = {"notifications": [notification(t, data, ts) for t in topics]}
+    else:
+        answer = notification(topics[0], data, ts)
+    return 202, json.dumps(answer, separators=(",", ":")).encode()
 
 
 async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -107,7 +153,9 @@ def run() -> None:
     parser.add_argument("--http-port", type=int, default=8003, help="HTTP publish port")
     parser.add_argument("--uds", help="also serve WebSockets on this Unix socket (for nginx)")
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+    parser.add_argument("--topics", action="store_true", help="the topic registry (see above)")
     args = parser.parse_args()
+    OPTIONS["topics"] = args.topics
     if not args.no_uvloop:
         try:
             import uvloop
