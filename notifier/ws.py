@@ -41,6 +41,12 @@ RATE_BURST = 200.0
 EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
 CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain before it is dropped
 # ASGI extensions offered by notifier.server.WebSocketProtocol (other servers offer neither).
+# Handshakes an instance works on at once (from the request to `hello`); one more gets 503 at
+# once. In a reconnect storm thousands arrive together: worked on all at once, each waits for all
+# the others (seconds), clients that give up on a slow handshake retry and the abandoned ones
+# are still worked on, until nobody gets through. Refused at once, clients back off with jitter
+# and come back when there is room, and every admitted handshake is answered in milliseconds.
+MAX_HANDSHAKES_IN_PROGRESS = 128
 ABORT_EXTENSION = "notifier.abort"
 SINK_EXTENSION = "notifier.sink"
 
@@ -59,35 +65,47 @@ class Handshake(Exception):
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     node = services.node
-    try:
-        principal, topics, since = await _authorize(services, websocket)
-        conn = _admit(services, principal)
-    except Handshake as refusal:
-        await _deny(services, websocket, refusal)
+    if node.handshakes_in_progress >= MAX_HANDSHAKES_IN_PROGRESS:
+        busy = f"{MAX_HANDSHAKES_IN_PROGRESS} handshakes in progress on this instance; retry in a moment"
+        await _deny(services, websocket, Handshake(503, busy))
         return
+    node.handshakes_in_progress += 1
+    handshaking = True
     try:
-        # Subscribe before accepting, so `hello` is only sent once every topic is active.
-        topics = list(dict.fromkeys(principal.auto_topics() + topics))
-        hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
         try:
-            if since is None:
-                await node.subscribe(conn, topics)
-                replay = None
-            else:
-                replay = await node.recover(conn, topics, since)
-                hello["recovered"] = replay.recovered
-        except BrokerUnavailable as exc:
-            await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
+            principal, topics, since = await _authorize(services, websocket)
+            conn = _admit(services, principal)
+        except Handshake as refusal:
+            await _deny(services, websocket, refusal)
             return
-        await websocket.accept()
-        services.metrics.handshakes.labels("accepted").inc()
-        sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
-        conn.sink = sink["sink"] if sink else None
-        hello["topics"] = sorted(conn.topics)
-        conn.push_first(dumps(hello))
-        await Session(services, websocket, conn).run(replay)
+        try:
+            # Subscribe before accepting, so `hello` is only sent once every topic is active.
+            topics = list(dict.fromkeys(principal.auto_topics() + topics))
+            hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
+            try:
+                if since is None:
+                    await node.subscribe(conn, topics)
+                    replay = None
+                else:
+                    replay = await node.recover(conn, topics, since)
+                    hello["recovered"] = replay.recovered
+            except BrokerUnavailable as exc:
+                await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
+                return
+            await websocket.accept()
+            services.metrics.handshakes.labels("accepted").inc()
+            sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
+            conn.sink = sink["sink"] if sink else None
+            hello["topics"] = sorted(conn.topics)
+            conn.push_first(dumps(hello))
+            handshaking = False
+            node.handshakes_in_progress -= 1
+            await Session(services, websocket, conn).run(replay)
+        finally:
+            await node.detach(conn)
     finally:
-        await node.detach(conn)
+        if handshaking:
+            node.handshakes_in_progress -= 1
 
 
 async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], Since | None]:

@@ -450,3 +450,58 @@ async def test_a_full_redis_with_noeviction_refuses_publishes_and_keeps_recovery
     assert refused is not None and refused.status_code == 503
     assert "broker unavailable" in refused.json()["detail"]
     assert greeting["recovered"] is True and replayed == accepted
+
+
+# -- a reconnect storm: handshakes in progress are bounded ----------------------------------------
+
+
+async def test_handshakes_beyond_those_in_progress_get_503_at_once_and_the_instance_serves_after() -> None:
+    """Bound: at most notifier.ws.MAX_HANDSHAKES_IN_PROGRESS (128) handshakes between request and
+    hello on an instance; one more is refused with 503 at once instead of queueing behind the
+    others (in a storm, queued handshakes outlast the clients' patience and pile up). Redis is
+    stopped (SIGSTOP) so the admitted handshakes stay in progress, waiting on their SUBSCRIBE."""
+    from notifier.ws import MAX_HANDSHAKES_IN_PROGRESS
+
+    extra = 40
+    async with deployment() as (redis, (instance,), http, _admin):
+        assert redis.proc is not None
+        urls = [ws_url(instance.url, mint_token(f"storm{i}", ("subscribe",))) for i in range(
+            MAX_HANDSHAKES_IN_PROGRESS + extra)]  # fmt: skip
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+
+            async def attempt(url: str) -> tuple[int, float]:
+                try:
+                    async with ws_connect(url):
+                        return 101, loop.time() - started
+                except InvalidStatus as exc:
+                    return exc.response.status_code, loop.time() - started
+
+            tasks = [asyncio.create_task(attempt(url)) for url in urls]
+
+            def refused() -> list[tuple[int, float]]:
+                return [t.result() for t in tasks if t.done() and t.result()[0] == 503]
+
+            # The refused ones come back while Redis is still stopped: at once, not after a wait.
+            await eventually(lambda: len(refused()) >= extra, "the handshakes beyond the bound refused", 10)
+            early = refused()
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        answers = await asyncio.gather(*tasks)
+        assert len([a for a in answers if a[0] == 503]) >= extra, answers
+        assert all(a[0] in (101, 503) for a in answers), answers
+        # Each answered well before the admitted ones' SUBSCRIBE could time out (3 s).
+        assert max(t for _s, t in early) < 2.0, early
+
+        # None of them holds anything: once Redis is back a new handshake is admitted and served.
+        async def closed() -> bool:
+            return await metric(http, instance, "notifier_connections") == 0
+
+        await eventually(closed, "every socket closed", 30)
+        token = mint_token("after", ("subscribe", "publish"))
+        async with ws_connect(ws_url(instance.url, token, ["news"])) as ws:
+            assert (await hello(ws))["type"] == "hello"
+            await post(http, instance.url, token, "news", {"n": 1})
+            assert (await next_frame(ws))["data"] == {"n": 1}
