@@ -38,6 +38,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import readline from 'node:readline';
+import { cpuSeconds as procCpuSeconds, runWait, rssKiB, statFields } from './procstat.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 const CLK_TCK = cfg.clkTck || 100;
@@ -59,38 +60,7 @@ hard.unref();
 
 // ---- /proc ---------------------------------------------------------------------------------
 
-function statFields(pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-}
-
-function cpuSeconds(pid) {
-  try {
-    const f = statFields(pid);
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return 0;
-  }
-}
-
-// Seconds the main thread of `pid` waited on a run queue (runnable while another task had the
-// core): what a shared machine steals. /proc/<pid>/schedstat: on-cpu ns, waiting ns, slices.
-function runWait(pid) {
-  try {
-    return Number(fs.readFileSync(`/proc/${pid}/schedstat`, 'latin1').split(' ')[1]) / 1e9;
-  } catch {
-    return 0;
-  }
-}
-
-function rssKiB(pid) {
-  try {
-    const m = /VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'latin1'));
-    return m ? Number(m[1]) : 0;
-  } catch {
-    return 0;
-  }
-}
+const cpuSeconds = (pid) => procCpuSeconds(pid, CLK_TCK);
 
 const groups = cfg.pids || {}; // {"server": [pid...], "nginx": [...], "redis": [...]}
 const selfPids = () => (receiver?.pid ? ['self', receiver.pid] : ['self']);

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -185,128 +185,75 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def _user_columns(count: str, rate: Column, per_cpu: Column, checks: list[Column]) -> list[Column]:
+    """The columns of a per-user scenario's table: what differs between them, in a shared frame."""
+    return [
+        ("server", lambda x: x["server"]),
+        (count, lambda x: _num(x["subscribers"])),
+        rate,
+        per_cpu,
+        ("server CPU / busy", lambda x: _busy(x["server_cpu_util"], x["server_busy"])),
+        ("p50 ms", lambda x: _num(x["p50_ms"], 1)),
+        ("p99 ms", lambda x: _num(x["p99_ms"], 1)),
+        *checks,
+        ("loadgen CPU / busy", lambda x: _busy(x["loadgen_cpu_util"], x["loadgen_busy"])),
+        ("notifier ÷ baseline", _ratios),
+        ("errors", lambda x: "; ".join(x["errors"])),
+    ]
+
+
+_REDIS_US: Column = ("redis µs / notification", lambda x: _num(x["redis_us_per_notification"], 1))
+_LOST: Column = ("lost", lambda x: _num(x["lost"]))
+USER_TABLES: list[tuple[str, str, list[Column]]] = [
+    (
+        "personal",
+        "**personal** (one socket per user on its own `user:` topic; one POST per notification to "
+        "one user, as fast as answered; ratio: notifications per server CPU-second)",
+        _user_columns(
+            "users",
+            ("notifications/s", lambda x: _num(x["deliveries_per_s"])),
+            ("notifications / server CPU-s", lambda x: _num(x["deliveries_per_cpu_s"])),
+            [("accepted/s", lambda x: _num(x["accepted_per_s"])), _LOST, _REDIS_US],
+        ),
+    ),
+    (
+        "multi",
+        "**multi** (each POST names every user's topic, windowed as fanout; ratio: deliveries per "
+        "server CPU-second)",
+        _user_columns(
+            "users (topics per POST)",
+            ("deliveries/s", lambda x: _num(x["deliveries_per_s"])),
+            ("deliveries / server CPU-s", lambda x: _num(x["deliveries_per_cpu_s"])),
+            [_LOST, _REDIS_US],
+        ),
+    ),
+    (
+        "handshake",
+        "**handshake** (connect as a distinct user, wait for `hello`, close, in a loop; latency from "
+        "connect to `hello`; ratio: handshakes per server CPU-second)",
+        _user_columns(
+            "connectors",
+            ("handshakes/s", lambda x: _num(x["handshakes_per_s"])),
+            ("handshakes / server CPU-s", lambda x: _num(x["handshakes_per_cpu_s"])),
+            [
+                ("failed", lambda x: _num(sum((x["handshake_failures"] or {}).values()))),
+                ("redis CPU-s", lambda x: _num(x["redis_cpu_s"], 2)),
+            ],
+        ),
+    ),
+]
+
+
 def _user_tables(by: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The tables of the per-user scenarios: personal, multi, handshake."""
     parts = []
-    if "personal" in by:
-        rows = [
-            [
-                x["server"],
-                _num(x["subscribers"]),
-                _num(x["deliveries_per_s"]),
-                _num(x["accepted_per_s"]),
-                _num(x["deliveries_per_cpu_s"]),
-                _busy(x["server_cpu_util"], x["server_busy"]),
-                _num(x["p50_ms"], 1),
-                _num(x["p99_ms"], 1),
-                _num(x["lost"]),
-                _num(x["redis_us_per_notification"], 1),
-                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
-                _ratios(x),
-                "; ".join(x["errors"]),
-            ]
-            for x in _order(by["personal"])
-        ]
-        parts.append(
-            "**personal** (one socket per user on its own `user:` topic; one POST per notification "
-            "to one user, as fast as answered; ratio: notifications per server CPU-second)\n\n"
-            + _table(
-                [
-                    "server",
-                    "users",
-                    "notifications/s",
-                    "accepted/s",
-                    "notifications / server CPU-s",
-                    "server CPU / busy",
-                    "p50 ms",
-                    "p99 ms",
-                    "lost",
-                    "redis µs / notification",
-                    "loadgen CPU / busy",
-                    "notifier ÷ baseline",
-                    "errors",
-                ],
-                rows,
-            )
-        )
-    if "multi" in by:
-        rows = [
-            [
-                x["server"],
-                _num(x["subscribers"]),
-                _num(x["deliveries_per_s"]),
-                _num(x["deliveries_per_cpu_s"]),
-                _busy(x["server_cpu_util"], x["server_busy"]),
-                _num(x["p50_ms"], 1),
-                _num(x["p99_ms"], 1),
-                _num(x["lost"]),
-                _num(x["redis_us_per_notification"], 1),
-                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
-                _ratios(x),
-                "; ".join(x["errors"]),
-            ]
-            for x in _order(by["multi"])
-        ]
-        parts.append(
-            "**multi** (each POST names every user's topic, windowed as fanout; "
-            "ratio: deliveries per server CPU-second)\n\n"
-            + _table(
-                [
-                    "server",
-                    "users (topics per POST)",
-                    "deliveries/s",
-                    "deliveries / server CPU-s",
-                    "server CPU / busy",
-                    "p50 ms",
-                    "p99 ms",
-                    "lost",
-                    "redis µs / notification",
-                    "loadgen CPU / busy",
-                    "notifier ÷ baseline",
-                    "errors",
-                ],
-                rows,
-            )
-        )
-    if "handshake" in by:
-        rows = [
-            [
-                x["server"],
-                _num(x["subscribers"]),
-                _num(x["handshakes_per_s"]),
-                _num(x["handshakes_per_cpu_s"]),
-                _busy(x["server_cpu_util"], x["server_busy"]),
-                _num(x["p50_ms"], 1),
-                _num(x["p99_ms"], 1),
-                _num(sum((x["handshake_failures"] or {}).values())),
-                _num(x["redis_cpu_s"], 2),
-                _busy(x["loadgen_cpu_util"], x["loadgen_busy"]),
-                _ratios(x),
-                "; ".join(x["errors"]),
-            ]
-            for x in _order(by["handshake"])
-        ]
-        parts.append(
-            "**handshake** (connect as a distinct user, wait for `hello`, close, in a loop; latency "
-            "from connect to `hello`; ratio: handshakes per server CPU-second)\n\n"
-            + _table(
-                [
-                    "server",
-                    "connectors",
-                    "handshakes/s",
-                    "handshakes / server CPU-s",
-                    "server CPU / busy",
-                    "p50 ms",
-                    "p99 ms",
-                    "failed",
-                    "redis CPU-s",
-                    "loadgen CPU / busy",
-                    "notifier ÷ baseline",
-                    "errors",
-                ],
-                rows,
-            )
-        )
+    for scenario, title, columns in USER_TABLES:
+        if scenario in by:
+            rows = [[cell(x) for _name, cell in columns] for x in _order(by[scenario])]
+            parts.append(title + "\n\n" + _table([name for name, _cell in columns], rows))
     return parts
 
 

@@ -40,14 +40,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from benchmarks import report
-from benchmarks.procs import CLK_TCK, ROOT, cores, loadavg, rss_kib, stop_all
+from benchmarks.procs import CLK_TCK, ROOT, cleanup_on_signals, cores, loadavg, rss_kib
 from benchmarks.servers import BASELINES, SERVERS, Deployment, Target, start_cluster, start_single
 
 HERE = ROOT / "benchmarks"
@@ -743,20 +741,6 @@ def median_lines(lines: list[dict[str, Any]]) -> dict[str, Any]:
                 failures[kind] = failures.get(kind, 0) + n
         merged["handshake_failures"] = failures  # every repeat's, summed
     return merged
-
-
-@contextmanager
-def cleanup_on_signals() -> Iterator[None]:
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        stop_all()
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

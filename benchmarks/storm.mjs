@@ -20,6 +20,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
+import { cpuSeconds as procCpuSeconds, runWait, statFields } from './procstat.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 const N = cfg.clients;
@@ -51,28 +52,7 @@ hard.unref();
 
 // ---- /proc ---------------------------------------------------------------------------------
 
-function statFields(pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-}
-
-function cpuSeconds(pid) {
-  try {
-    const f = statFields(pid);
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return 0;
-  }
-}
-
-// Seconds the main thread of `pid` waited on a run queue (runnable while others had the core).
-function runWait(pid) {
-  try {
-    return Number(fs.readFileSync(`/proc/${pid}/schedstat`, 'latin1').split(' ')[1]) / 1e9;
-  } catch {
-    return 0;
-  }
-}
+const cpuSeconds = (pid) => procCpuSeconds(pid, CLK_TCK);
 
 const sumWait = (pids) => (pids || []).reduce((s, p) => s + runWait(p), 0);
 const sumCpu = (pids) => (pids || []).reduce((s, p) => s + cpuSeconds(p), 0);

@@ -19,17 +19,11 @@ from typing import Any
 import pytest
 from conftest import SECRET, mint_token
 from support import Instance, RedisServer, free_port, memory_instance, wait_until
+from test_cli import assert_one_line_error, clean_env
 
 pytestmark = pytest.mark.slow
 
 TOKEN_HINT = "set NOTIFIER_TOKEN or pass --token"
-
-
-def clean_env(**variables: str) -> dict[str, str]:
-    """The environment without any ``NOTIFIER_*`` variable, plus ``variables``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
-    env.update(variables)
-    return env
 
 
 def bench(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,15 +46,6 @@ def bench_json(server: Instance, *args: str, cwd: Path, env: dict[str, str] | No
     answer = json.loads(result.stdout)
     assert isinstance(answer, dict)
     return answer
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert result.stdout == "", result.stdout
-    return lines[0]
 
 
 def both_scopes(sub: str = "bencher") -> str:
