@@ -21,7 +21,7 @@ from notifier.services import Services
 router = APIRouter()
 
 PUBLISH_PATH = "/v1/notifications"
-# An ASGI extension notifier.server offers on the publish route: the whole answer in one write,
+# An ASGI extension notifier.http_edge offers on the publish route: the whole answer in one write,
 # ``respond(status, headers, body) -> bool`` (False: answer with ``send`` as usual).
 RESPOND_EXTENSION = "notifier.respond"
 RawHeader = tuple[bytes, bytes]

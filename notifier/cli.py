@@ -188,7 +188,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         # Not uvicorn's defaults: ours bound what a slow or hostile client can hold (request heads,
-        # stalled bodies, pong answers; see notifier.server), also when no nginx is in front.
+        # stalled bodies, pong answers; see notifier.http_edge and notifier.ws_edge), also when
+        # no nginx is in front.
         http=HttpProtocol,
         ws=websocket_protocol(settings.send_queue_bytes),
         ws_max_size=settings.max_message_bytes,

@@ -23,7 +23,7 @@ Item = tuple[str, int, int, bytes]  # an outbound frame: (text, size in bytes, t
 
 
 class Sink(Protocol):
-    """Direct, non-blocking writes of encoded frames to a connection's socket (see notifier.server)."""
+    """Direct, non-blocking writes of encoded frames to a connection's socket (see notifier.ws_edge)."""
 
     def writable(self) -> bool:
         """True when a write now goes out without piling up (socket open, buffer not full)."""

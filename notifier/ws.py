@@ -40,7 +40,7 @@ RATE_PER_SECOND = 100.0
 RATE_BURST = 200.0
 EXPIRY_GRACE = 0.05  # seconds after exp before the 1008 close: never before exp
 CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain before it is dropped
-# ASGI extensions offered by notifier.server.WebSocketProtocol (other servers offer neither).
+# ASGI extensions offered by notifier.ws_edge.WebSocketProtocol (other servers offer neither).
 # Handshakes an instance works on at once (from the request to `hello`); one more gets 503 at
 # once. In a reconnect storm thousands arrive together: worked on all at once, each waits for all
 # the others (seconds), clients that give up on a slow handshake retry and the abandoned ones

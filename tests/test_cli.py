@@ -315,7 +315,7 @@ def test_serve_on_port_0_prints_the_demo_url_of_the_port_it_got(tmp_path: Path) 
 def test_serve_with_uvicorn_internals_missing_fails_with_one_line_before_printing_anything(
     tmp_path: Path,
 ) -> None:
-    """notifier.server extends uvicorn's private protocol classes and checks at import that what
+    """notifier's protocols extend uvicorn's private protocol classes and check at import that what
     it uses is still there; an uvicorn without it (here: one method removed) stops `serve`."""
     broken = (
         "import sys\n"

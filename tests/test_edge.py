@@ -441,7 +441,7 @@ async def test_a_ping_flood_that_never_reads_is_dropped_and_holds_no_memory(
     when nginx is not installed); a normal subscriber beside them.
 
     Bound: each flooder is dropped (its connection reset) within FLOOD_SECONDS (measured: about
-    10 s, notifier.server.WRITE_STALL_TIMEOUT: the instance stops reading a socket whose pong
+    10 s, notifier.ws_edge.WRITE_STALL_TIMEOUT: the instance stops reading a socket whose pong
     answers fill its write buffer, and drops it when that does not drain); the instance's VmRSS
     grows by less than 20 MiB (measured: +1.4 to +1.9 MiB for both; before, it passed 20 MiB
     within a second, and the direct flooder alone took it to +300 MiB in 13 s); the subscriber
