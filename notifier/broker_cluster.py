@@ -61,6 +61,7 @@ from notifier.broker_redis import (
     _check_cancelled,
     _why,
     redacted,
+    unavailable_on_error,
 )
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted, notification_tail
@@ -77,9 +78,11 @@ from notifier.redis_topology import no_retry
 
 # redis-py 8.1's async cluster client can raise AttributeError ("'NoneType' object has no
 # attribute 'writelines'") when a node's connection is torn down while another task reconnects
-# it (seen when a master is SIGKILLed under load). It happens while connecting, before the
-# command is sent: treated as the node being unavailable (503, nothing published).
-_CLUSTER_ERRORS = (*_REDIS_ERRORS, AttributeError)
+# it, and uvloop a RuntimeError ("unable to perform operation on <TCPTransport closed=True>;
+# the handler is closed") when a command is written to a connection that has just died (both
+# seen when a master is SIGKILLed under load, the second once in a fresh-clone run: a POST
+# answered 500). Either way the node is unavailable: 503 (a write that failed so never reached it).
+_CLUSTER_ERRORS = (*_REDIS_ERRORS, AttributeError, RuntimeError)
 
 MANY_CONCURRENCY = 32  # script calls in flight for one publish to many topics
 
@@ -240,26 +243,14 @@ class ClusterBroker(ShardLinks):
         return done
 
     async def history(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT), self._gate:
-                return await self._reader.read(topic, since, limit, max_bytes)
-        except _CLUSTER_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {_why(exc)}") from None
+        async with unavailable_on_error(_CLUSTER_ERRORS), self._gate:
+            return await self._reader.read(topic, since, limit, max_bytes)
 
     async def reject(self, sub: str, before: int, until: int) -> None:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                await self._reject_script(keys=[REJECTIONS_KEY], args=[sub, f"{before} {until}", until])
-        except _CLUSTER_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {_why(exc)}") from None
+        async with unavailable_on_error(_CLUSTER_ERRORS):
+            await self._reject_script(keys=[REJECTIONS_KEY], args=[sub, f"{before} {until}", until])
 
     async def rejections(self) -> Rejections:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                stored = await self._pub.hgetall(REJECTIONS_KEY)
-        except _CLUSTER_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {_why(exc)}") from None
+        async with unavailable_on_error(_CLUSTER_ERRORS):
+            stored = await self._pub.hgetall(REJECTIONS_KEY)
         return parse_rejections(stored, time.time())

@@ -14,6 +14,8 @@ import os
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -112,6 +114,20 @@ def _why(exc: BaseException) -> str:
         return "no answer in time"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@asynccontextmanager
+async def unavailable_on_error(
+    errors: tuple[type[BaseException], ...] = _REDIS_ERRORS, timeout: float = PUBLISH_TIMEOUT
+) -> AsyncIterator[None]:
+    """Broker work bounded by ``timeout``, any of ``errors`` in it raised as BrokerUnavailable
+    (a cancellation that redis-py turned into a connection error stays a cancellation)."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except errors as exc:
+        _check_cancelled()
+        raise BrokerUnavailable(f"redis: {_why(exc)}") from None
 
 
 class RedisBroker:
@@ -214,12 +230,8 @@ class RedisBroker:
                 UNKEYED if item.key is None else IDEMPOTENCY_PREFIX + item.key,
             )
             args += (item.topic, item.tail, item.ts, "0" if item.key is None else "1")
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                reply = await self._batch_script(keys=keys, args=args)
-        except _REDIS_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        async with unavailable_on_error():
+            reply = await self._batch_script(keys=keys, args=args)
         if reply[0] == 2:
             raise BrokerUnavailable("redis: too slow to answer; nothing published")
         answers: list[Accepted] = []
@@ -271,34 +283,21 @@ class RedisBroker:
         return answers
 
     async def history(self, topic: str, since: int | None, limit: int, max_bytes: int = UNBOUNDED) -> History:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                return await self._reader.read(topic, since, limit, max_bytes)
-        except _REDIS_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        async with unavailable_on_error():
+            return await self._reader.read(topic, since, limit, max_bytes)
 
     async def reject(self, sub: str, before: int, until: int) -> None:
         # One hash for the deployment: a field per user, read whole when a node (re)connects;
         # fields past their end are dropped then, and the hash lives as long as its newest.
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                async with self._pub.pipeline(transaction=True) as pipe:
-                    pipe.hset(REJECTIONS_KEY, sub, f"{before} {until}")
-                    pipe.expireat(REJECTIONS_KEY, until, gt=True)
-                    pipe.expireat(REJECTIONS_KEY, until, nx=True)
-                    await pipe.execute()
-        except _REDIS_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        async with unavailable_on_error(), self._pub.pipeline(transaction=True) as pipe:
+            pipe.hset(REJECTIONS_KEY, sub, f"{before} {until}")
+            pipe.expireat(REJECTIONS_KEY, until, gt=True)
+            pipe.expireat(REJECTIONS_KEY, until, nx=True)
+            await pipe.execute()
 
     async def rejections(self) -> Rejections:
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                stored = await self._pub.hgetall(REJECTIONS_KEY)
-        except _REDIS_ERRORS as exc:
-            _check_cancelled()
-            raise BrokerUnavailable(f"redis: {exc or type(exc).__name__}") from None
+        async with unavailable_on_error():
+            stored = await self._pub.hgetall(REJECTIONS_KEY)
         return parse_rejections(stored, time.time())
 
     async def subscribe(self, topic: str) -> None:

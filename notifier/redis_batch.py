@@ -9,11 +9,14 @@ publish still goes out in the iteration it was made in: batching adds no waiting
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from notifier.errors import BrokerUnavailable
 from notifier.protocol import Accepted
+
+log = logging.getLogger("notifier.broker")
 
 # One call carries at most this many notifications and about this many bytes of frames: Redis
 # runs nothing else during it (64 x ~7 us: under half a millisecond).
@@ -76,10 +79,12 @@ class PublishBatcher:
                 if not item.future.done():
                     item.future.set_exception(BrokerUnavailable("redis: publishing stopped"))
             raise
-        except BrokerUnavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - every waiting publish gets an answer, never a hang
+            if not isinstance(exc, BrokerUnavailable):
+                log.exception("publishing a batch failed unexpectedly")
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(BrokerUnavailable(str(exc)))
+                    item.future.set_exception(BrokerUnavailable(str(exc) or type(exc).__name__))
             return
         for item, answer in zip(batch, answers, strict=True):
             if not item.future.done():
