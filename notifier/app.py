@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from notifier import __version__, api, ws
+from notifier import __version__, api, sse, ws
 from notifier.auth import TokenAuthority
 from notifier.broker import Broker, create_broker
 from notifier.jwks import KeySet
@@ -60,6 +60,9 @@ class NotifierApp(FastAPI):
             return
         if scope["type"] == "http" and scope["path"] == api.PUBLISH_PATH and scope["method"] == "POST":
             await api.publish_endpoint(self.state.services, scope, receive, send)
+            return
+        if scope["type"] == "http" and scope["path"] == sse.SSE_PATH and scope["method"] == "GET":
+            await sse.sse_endpoint(self.state.services, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 

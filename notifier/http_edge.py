@@ -16,7 +16,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from notifier.api import PUBLISH_PATH, RESPOND_EXTENSION
+from notifier.sse import SSE_PATH
 from notifier.uvicorn_internals import require as _require
+from notifier.ws import ABORT_EXTENSION
 
 log = logging.getLogger("notifier.server")
 
@@ -233,9 +235,14 @@ class HttpProtocol(HttpToolsProtocol):
         self._phase = _IDLE if self.parser.should_upgrade() and self._should_upgrade() else _BODY
         super().on_headers_complete()
         scope, cycle = self.scope, self.cycle
-        if cycle is not None and cycle.scope is scope and scope["path"] == PUBLISH_PATH:
-            extensions: dict[str, Any] = scope.setdefault("extensions", {})
-            extensions[RESPOND_EXTENSION] = partial(respond_whole, cycle)
+        if cycle is not None and cycle.scope is scope:
+            if scope["path"] == PUBLISH_PATH:
+                extensions: dict[str, Any] = scope.setdefault("extensions", {})
+                extensions[RESPOND_EXTENSION] = partial(respond_whole, cycle)
+            elif scope["path"] == SSE_PATH:
+                # An event stream's client that stopped reading leaves the transport paused: the
+                # stream drops the connection this way once it gave up on it (notifier.sse).
+                scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
 
     def on_message_complete(self) -> None:
         if self._phase == _BODY:

@@ -61,6 +61,7 @@ class Connection:
         "on_close",
         "sink",
         "drained",
+        "sse",
     )
 
     def __init__(
@@ -80,6 +81,7 @@ class Connection:
         self.on_close: Callable[[], None] = _nothing
         self.sink: Sink | None = None  # set by the edge once the socket is open
         self.drained: asyncio.Future[None] | None = None  # a replay waiting for the queue to shrink
+        self.sse = False  # a Server-Sent Events stream: notifications go out as their ``sse`` bytes
 
     def deliver(self, n: Notification) -> bool:
         """Hand over one notification: True when written to the socket at once, else queued."""
@@ -87,12 +89,12 @@ class Connection:
         if sink is None or self.queue or self.busy or self.close_code is not None or not sink.writable():
             self.enqueue(n)
             return False
-        sink.write(n.wire)
+        sink.write(n.sse if self.sse else n.wire)
         return True
 
     def enqueue(self, n: Notification) -> None:
         """Queue one notification for the writer (replays, and sockets that cannot take it now)."""
-        self.push(n.frame, n.size, n.ts, n.wire)
+        self.push(n.frame, n.size, n.ts, n.sse if self.sse else n.wire)
 
     def push(self, text: str, size: int, ts: int = 0, wire: bytes = b"") -> None:
         """Queue one frame (never blocks); overflow dooms the connection."""
@@ -107,11 +109,11 @@ class Connection:
             return
         self.on_ready()
 
-    def push_first(self, text: str) -> None:
+    def push_first(self, text: str, wire: bytes = b"") -> None:
         """Queue a frame ahead of everything already queued (the ``hello``)."""
         size = len(text.encode())
         self.pending += size
-        self.queue.insert(0, (text, size, 0, b""))
+        self.queue.insert(0, (text, size, 0, wire))
         self.on_ready()
 
     def close(self, code: int, reason: str = "") -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import orjson
@@ -63,6 +63,12 @@ def ws_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+def sse_event(event: str, data: str, id_: str | None = None) -> bytes:
+    """One Server-Sent Events event. ``data`` is a JSON text: never a line break in it."""
+    head = f"id: {id_}\nevent: {event}\ndata: " if id_ is not None else f"event: {event}\ndata: "
+    return (head + data + "\n\n").encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """One published notification as it travels from the broker to the hub: the frame is final."""
@@ -73,6 +79,15 @@ class Notification:
     frame: str
     size: int  # the frame's length in UTF-8 bytes
     wire: bytes  # the frame as one unmasked WebSocket text frame, the same bytes for every socket
+    sse_bytes: bytes = field(default=b"", compare=False, repr=False)  # see ``sse``: made on first use
+
+    @property
+    def sse(self) -> bytes:
+        """The notification as one Server-Sent Events event (``id:``, ``event:``, ``data:``), the
+        same bytes for every stream: encoded once, on first use, then kept with it."""
+        if not self.sse_bytes:
+            object.__setattr__(self, "sse_bytes", sse_event("notification", self.frame, str(self.id)))
+        return self.sse_bytes
 
     def envelope(self) -> bytes:
         """The broker message: ``"<id> <ts> <frame>"``, so a node never parses the frame."""

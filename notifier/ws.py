@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams
+from starlette.types import Scope
 
 from notifier.auth import REVOKED, SUBSCRIBE, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden, LimitExceeded
@@ -73,8 +74,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     handshaking = True
     try:
         try:
-            principal, topics, since = await _authorize(services, websocket)
-            conn = _admit(services, principal)
+            principal, topics, since = await authorize(services, websocket.scope)
+            conn = admit(services, principal)
         except Handshake as refusal:
             await _deny(services, websocket, refusal)
             return
@@ -108,10 +109,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             node.handshakes_in_progress -= 1
 
 
-async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principal, list[str], Since | None]:
+async def authorize(services: Services, scope: Scope) -> tuple[Principal, list[str], Since | None]:
+    """The principal, the topics asked for and ``since`` of a handshake (WebSocket or SSE), or
+    :class:`Handshake` saying why it is refused."""
     # Not websocket.query_params: Starlette would keep that parsed copy for the socket's life.
-    params = QueryParams(websocket.scope["query_string"])
-    token = params.get("token") or bearer(_header(websocket, b"authorization"))
+    params = QueryParams(scope["query_string"])
+    token = params.get("token") or bearer(header(scope, b"authorization"))
     try:
         principal = await services.authority.authenticate(token)
     except AuthError as exc:
@@ -135,16 +138,16 @@ async def _authorize(services: Services, websocket: WebSocket) -> tuple[Principa
     return principal, topics, since
 
 
-def _header(websocket: WebSocket, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     """One request header, read from the scope: Starlette's ``websocket.headers`` would keep a
     parsed copy of them all alive for the socket's whole life."""
-    for key, value in websocket.scope["headers"]:
+    for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
     return None
 
 
-def _admit(services: Services, principal: Principal) -> Connection:
+def admit(services: Services, principal: Principal) -> Connection:
     """Take a connection slot, or refuse with 503 (draining, full) or 429 (the user's limit)."""
     node, settings = services.node, services.settings
     if node.draining:
