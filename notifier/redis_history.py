@@ -33,10 +33,11 @@ REJECTIONS_KEY = PREFIX + "rejections"  # sub -> "<before> <until>": tokens refu
 # node, and the id a subscriber sees live is the id history holds. An id is Redis's clock in
 # microseconds, or one above the last id when that is not higher (notifier.broker.next_id): ids
 # keep increasing when the counter is lost. The epoch is the first id of this Redis's data (a
-# recovery from before it has lost something). The history stream keeps exactly the last N
-# entries (stream id "<id>-0", trimmed by XADD itself: no XLEN or XRANGE per publish) and
-# expires with the topic; what was trimmed is read back from the stream's own bookkeeping
-# (XINFO: entries ever added, first entry; see HistoryReader.book). Redis Cluster runs this one
+# recovery from before it has lost something). The history stream keeps the last N entries,
+# plus one (stream id "<id>-0", trimmed by XADD MAXLEN N+1 itself: no XLEN, XRANGE or trim
+# mark per publish). That one more is the last notification trimmed from the N, kept for its
+# id: a recovery from exactly it (a client that missed exactly N) is whole, from before it is
+# not; reads never return it (see HistoryReader). It all expires with the topic. Redis Cluster runs this one
 # per topic (notifier.redis_cluster); one server and Sentinel run PUBLISH_BATCH_LUA.
 PUBLISH_LUA = """
 local now = redis.call('TIME')
@@ -56,7 +57,7 @@ local frame = '{"type":"notification","id":"' .. id .. ARGV[1]
 local envelope = id .. ' ' .. ARGV[2] .. ' ' .. frame
 local size = tonumber(ARGV[5])
 if size > 0 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', size, id .. '-0', 'n', envelope)
+  redis.call('XADD', KEYS[4], 'MAXLEN', size + 1, id .. '-0', 'n', envelope)
   local ttl = tonumber(ARGV[7])
   if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
@@ -101,7 +102,7 @@ for i = 0, (#ARGV - 4) / 4 - 1 do
     next_id = next_id + 1
     local envelope = id .. ' ' .. ARGV[a + 2] .. ' {"type":"notification","id":"' .. id .. ARGV[a + 1]
     if size > 0 then
-      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size, id .. '-0', 'n', envelope)
+      redis.call('XADD', KEYS[k + 1], 'MAXLEN', size + 1, id .. '-0', 'n', envelope)
       if ttl > 0 then redis.call('EXPIRE', KEYS[k + 1], ttl) end
     end
     redis.call('PUBLISH', KEYS[k], envelope)
@@ -181,7 +182,7 @@ if fresh > 0 then
       if size > 0 then
         local envelope = sid .. ' ' .. ts .. ' {"type":"notification","id":"' .. sid
           .. '","topic":"' .. topic .. '"' .. tail
-        local added = redis.pcall('XADD', KEYS[k + 1], 'MAXLEN', size, sid .. '-0', 'n', envelope)
+        local added = redis.pcall('XADD', KEYS[k + 1], 'MAXLEN', size + 1, sid .. '-0', 'n', envelope)
         if type(added) == 'table' and added.err then
           failed = added.err
           break
@@ -299,14 +300,16 @@ class HistoryReader:
 
     def book(self, epoch: Any, info: Any, now: int) -> Bookkeeping:
         """Bookkeeping from the epoch and the stream's XINFO (an error when it does not exist).
-        A stream that was ever trimmed (more entries added than it holds) counts as trimmed up
-        to just before its first entry: ids are not consecutive, so the highest id trimmed is
-        only known to be below it. A client whose position is exactly the last one trimmed (it
-        missed exactly N) is then told ``recovered: false``: cautious, never dishonest."""
+        A stream holding more than N keeps the one trimmed last from the N as its first entry
+        (the publish scripts trim to N + 1): that entry's id is the highest trimmed. A stream
+        that lost entries otherwise (trimmed by a release that kept exactly N, or to fewer
+        than N) counts as trimmed up to just before its first entry: cautious, never dishonest."""
         origin = mark = None
         if isinstance(info, dict):
             origin = _first_id(info)
-            if info["entries-added"] > info["length"]:
+            if info["length"] > self.size:
+                mark = origin
+            elif info["entries-added"] > info["length"]:
                 mark = origin - 1
         return Bookkeeping(_int(epoch), origin, mark, now, self.ttl, self.size)
 
@@ -336,12 +339,16 @@ class HistoryReader:
             if cursor is None:
                 book = self.book(replies[2], info, _now_us(replies[3]))
                 whole = book.size > 0 if since is None else complete(since, book)
+                hidden = book.trimmed or 0  # the entry kept beyond the N (and anything older)
             elif since is not None and found:
                 # The stream moved on while we paged: if the last entry read is gone, entries
                 # after it may have been trimmed before we read them.
                 whole = whole and isinstance(info, dict) and _first_id(info) <= found[-1].id
             for stream_id, fields in entries:
                 n = Notification.from_envelope(topic, fields[b"n"])
+                if n.id <= hidden:
+                    cursor = stream_id
+                    continue
                 if total + n.size > max_bytes and found:
                     more = True
                     break
