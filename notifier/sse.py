@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -32,6 +31,7 @@ from notifier.ws import (
     admit,
     authorize,
     header,
+    join,
 )
 
 log = logging.getLogger("notifier.sse")
@@ -68,15 +68,8 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
             return
         conn.sse = True
         try:
-            topics = list(dict.fromkeys(principal.auto_topics() + topics))
-            hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
             try:
-                if since is None:
-                    await node.subscribe(conn, topics)
-                    replay = None
-                else:
-                    replay = await node.recover(conn, topics, since)
-                    hello["recovered"] = replay.recovered
+                hello, replay = await join(node, conn, topics, since)
             except BrokerUnavailable as exc:
                 await _deny(services, send, Handshake(503, f"broker unavailable: {exc}"))
                 return

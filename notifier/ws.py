@@ -19,6 +19,7 @@ from starlette.types import Scope
 from notifier.auth import REVOKED, SUBSCRIBE, Principal, bearer
 from notifier.errors import AuthError, BrokerUnavailable, CloseCode, ErrorCode, Forbidden, LimitExceeded
 from notifier.hub import Connection, Item
+from notifier.node import Node
 from notifier.protocol import (
     BadFrame,
     ClientFrame,
@@ -81,15 +82,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             return
         try:
             # Subscribe before accepting, so `hello` is only sent once every topic is active.
-            topics = list(dict.fromkeys(principal.auto_topics() + topics))
-            hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
             try:
-                if since is None:
-                    await node.subscribe(conn, topics)
-                    replay = None
-                else:
-                    replay = await node.recover(conn, topics, since)
-                    hello["recovered"] = replay.recovered
+                hello, replay = await join(node, conn, topics, since)
             except BrokerUnavailable as exc:
                 await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
                 return
@@ -107,6 +101,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     finally:
         if handshaking:
             node.handshakes_in_progress -= 1
+
+
+async def join(
+    node: Node, conn: Connection, topics: list[str], since: Since | None
+) -> tuple[dict[str, Any], Replay | None]:
+    """Subscribe a connection being opened (WebSocket or event stream) to its automatic topics
+    and ``topics``, live or recovering after ``since``: its ``hello`` frame (``topics`` still to
+    be filled in) and the replay to run once it is sent. Raises :class:`BrokerUnavailable`."""
+    principal = conn.principal
+    topics = list(dict.fromkeys(principal.auto_topics() + topics))
+    hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
+    if since is None:
+        await node.subscribe(conn, topics)
+        return hello, None
+    replay = await node.recover(conn, topics, since)
+    hello["recovered"] = replay.recovered
+    return hello, replay
 
 
 async def authorize(services: Services, scope: Scope) -> tuple[Principal, list[str], Since | None]:
