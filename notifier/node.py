@@ -38,7 +38,7 @@ class Node:
         self.hub = Hub()
         self.metrics = metrics
         self.draining = False
-        self.handshakes_in_progress = 0  # WebSocket handshakes between request and hello (notifier.ws)
+        self.handshakes_in_progress = 0  # WebSocket and event-stream handshakes before hello (notifier.ws)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.history_gate = asyncio.Semaphore(HISTORY_READS)  # history answers built at once
         # sub -> (tokens issued before this are refused, until): loaded from the broker at each

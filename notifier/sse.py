@@ -26,8 +26,8 @@ from notifier.ws import (
     ABORT_EXTENSION,
     CLOSE_GRACE,
     EXPIRY_GRACE,
-    MAX_HANDSHAKES_IN_PROGRESS,
     Handshake,
+    HandshakeSlot,
     admit,
     authorize,
     header,
@@ -48,14 +48,10 @@ HEADERS = [
 
 async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
     node = services.node
-    if node.handshakes_in_progress >= MAX_HANDSHAKES_IN_PROGRESS:
-        busy = f"{MAX_HANDSHAKES_IN_PROGRESS} handshakes in progress on this instance; retry in a moment"
-        await _deny(services, send, Handshake(503, busy))
-        return
-    node.handshakes_in_progress += 1
-    handshaking = True
+    slot = HandshakeSlot(node)
     try:
         try:
+            slot.take()
             principal, topics, since = await authorize(services, scope)
             last = header(scope, b"last-event-id")
             if last is not None:  # EventSource's resume: newer than any since of the URL
@@ -78,14 +74,12 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
             hello["topics"] = sorted(conn.topics)
             text = dumps(hello)
             conn.push_first(text, sse_event("hello", text))
-            handshaking = False
-            node.handshakes_in_progress -= 1
+            slot.release()
             await Stream(services, scope, conn, receive, send).run(replay)
         finally:
             await node.detach(conn)
     finally:
-        if handshaking:
-            node.handshakes_in_progress -= 1
+        slot.release()
 
 
 async def _deny(services: Services, send: Send, refusal: Handshake) -> None:

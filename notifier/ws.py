@@ -67,14 +67,10 @@ class Handshake(Exception):
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     node = services.node
-    if node.handshakes_in_progress >= MAX_HANDSHAKES_IN_PROGRESS:
-        busy = f"{MAX_HANDSHAKES_IN_PROGRESS} handshakes in progress on this instance; retry in a moment"
-        await _deny(services, websocket, Handshake(503, busy))
-        return
-    node.handshakes_in_progress += 1
-    handshaking = True
+    slot = HandshakeSlot(node)
     try:
         try:
+            slot.take()
             principal, topics, since = await authorize(services, websocket.scope)
             conn = admit(services, principal)
         except Handshake as refusal:
@@ -93,14 +89,35 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             conn.sink = sink["sink"] if sink else None
             hello["topics"] = sorted(conn.topics)
             conn.push_first(dumps(hello))
-            handshaking = False
-            node.handshakes_in_progress -= 1
+            slot.release()
             await Session(services, websocket, conn).run(replay)
         finally:
             await node.detach(conn)
     finally:
-        if handshaking:
-            node.handshakes_in_progress -= 1
+        slot.release()
+
+
+class HandshakeSlot:
+    """One of the MAX_HANDSHAKES_IN_PROGRESS an instance works on at once (WebSocket or event
+    stream): taken before the request is looked at, given back once ``hello`` is queued or the
+    handshake ended, whichever comes first."""
+
+    __slots__ = ("node", "held")
+
+    def __init__(self, node: Node) -> None:
+        self.node, self.held = node, False
+
+    def take(self) -> None:
+        if self.node.handshakes_in_progress >= MAX_HANDSHAKES_IN_PROGRESS:
+            busy = f"{MAX_HANDSHAKES_IN_PROGRESS} handshakes in progress on this instance; retry in a moment"
+            raise Handshake(503, busy)
+        self.node.handshakes_in_progress += 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.node.handshakes_in_progress -= 1
 
 
 async def join(
