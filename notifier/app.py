@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from notifier import __version__, api, sse, ws
+from notifier import __version__, api, api_presence, sse, ws
 from notifier.auth import TokenAuthority
 from notifier.broker import Broker, create_broker
 from notifier.jwks import KeySet
@@ -112,6 +112,7 @@ def create_app(settings: Settings, broker: Broker | None = None, *, dev_secret: 
     )
     app.state.services = services
     app.include_router(api.router)
+    app.include_router(api_presence.router)
     app.add_api_route("/docs", swagger_ui, include_in_schema=False, response_class=HTMLResponse)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from notifier.errors import BrokerUnavailable
-from notifier.protocol import Accepted, Notification
+from notifier.protocol import Accepted, Notification, dumps
 
 OnNotification = Callable[[Notification], None]
 OnState = Callable[[bool], None]
@@ -29,6 +29,27 @@ Rejections = dict[str, tuple[int, int]]  # sub -> (tokens issued before this are
 # this much lead is tolerated before an expiry check could call a lost history complete.
 CLOCK_LEAD = 100_000  # microseconds
 UNBOUNDED = 1 << 62  # no byte bound on a history read
+
+
+PresenceChange = tuple[str, str, int]  # (topic, user, this node's connections of the user on it now)
+# A presence event: (topic, "join" or "leave", user). Brokers publish them as control messages
+# {"type": "presence", "events": [[topic, kind, user], ...]}, in the order they happened.
+PresenceEvent = tuple[str, str, str]
+PRESENCE_DEAD_AFTER = 15  # seconds without a heartbeat after which a node's presence is swept away
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceState:
+    """Who is on a topic across the deployment: ``count`` users, the first ``users`` of them
+    (sorted) with their connections."""
+
+    count: int
+    users: list[tuple[str, int]]
+
+
+def presence_message(events: list[PresenceEvent]) -> bytes:
+    """The control message that carries presence events (see :data:`CONTROL_TOPIC`)."""
+    return dumps({"type": "presence", "events": [list(e) for e in events]}).encode()
 
 
 class PartlyPublished(BrokerUnavailable):
@@ -179,6 +200,29 @@ class Broker(Protocol):
 
     async def rejections(self) -> Rejections:
         """Every rejection recorded and not yet over. BrokerUnavailable on failure."""
+
+    async def presence_update(self, changes: list[PresenceChange]) -> bool:
+        """Record this node's connection counts per (topic, user) (absolute numbers: sending one
+        twice changes nothing); True, as :meth:`presence_beat` says, when the node must send all
+        its counts again. A user whose deployment-wide count goes from 0 up is published
+        as a ``join`` event, down to 0 as a ``leave`` (:func:`presence_message`, atomically with
+        the change, so every node sees events in the order they happened). BrokerUnavailable on
+        failure (then nothing of this call may have been recorded: send it again)."""
+
+    async def presence_beat(self, topics: list[str]) -> bool:
+        """This node's heartbeat (every few seconds): keeps its presence alive, keeps ``topics``'
+        records from expiring, and sweeps away the presence of nodes silent for
+        :data:`PRESENCE_DEAD_AFTER` seconds (publishing their users' leaves). True when the
+        broker had no record of this node (new, swept, or the broker lost its data): the node
+        must send all its counts again. BrokerUnavailable on failure."""
+
+    async def presence_goodbye(self) -> None:
+        """This node is leaving: take its remaining presence away now (leaves published).
+        BrokerUnavailable on failure."""
+
+    async def presence(self, topic: str, limit: int) -> PresenceState:
+        """Who is on ``topic`` across the deployment: the first ``limit`` users by name, and
+        how many there are. BrokerUnavailable on failure."""
 
 
 def create_broker(url: str, history_size: int = 1000, history_ttl: int = 86400) -> Broker:

@@ -38,11 +38,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from notifier.broker import (
+    CONTROL_TOPIC,
     IDEMPOTENCY_TTL,
     UNBOUNDED,
     History,
@@ -50,6 +53,8 @@ from notifier.broker import (
     OnResync,
     OnState,
     PartlyPublished,
+    PresenceChange,
+    PresenceState,
     Rejections,
     topic_idempotency_key,
 )
@@ -74,6 +79,7 @@ from notifier.redis_cluster import (
 )
 from notifier.redis_cluster_links import ShardLinks
 from notifier.redis_history import SESSION_LUA, HistoryReader, parse_rejections
+from notifier.redis_presence import RedisPresence
 from notifier.redis_topology import no_retry
 
 # redis-py 8.1's async cluster client can raise AttributeError ("'NoneType' object has no
@@ -121,7 +127,16 @@ class ClusterBroker(ShardLinks):
         self._on_notification: OnNotification = lambda _n: None
         self._on_state: OnState = lambda _c: None
         self._on_resync: OnResync = lambda _lost: None
-        self._init_links(uuid.uuid4().hex)
+        node_id = uuid.uuid4().hex
+        self._init_links(node_id)
+        k = self._names.key
+        control = [k(CONTROL_TOPIC, "seq"), k(CONTROL_TOPIC, "epoch"), self._names.channel(CONTROL_TOPIC),
+                   k(CONTROL_TOPIC, "history")]
+        # All presence keys in the control topic's slot: one shard runs each presence call.
+        self._presence = RedisPresence(
+            self._pub, CLUSTER_PUBLISH_LUA, control, k(CONTROL_TOPIC, "presence:"), node_id,
+            (history_size, history_ttl), self._deadline, self._guard,
+        )
 
     async def start(self, on_notification: OnNotification, on_state: OnState, on_resync: OnResync) -> None:
         self._on_notification, self._on_state, self._on_resync = on_notification, on_state, on_resync
@@ -254,3 +269,20 @@ class ClusterBroker(ShardLinks):
         async with unavailable_on_error(_CLUSTER_ERRORS):
             stored = await self._pub.hgetall(REJECTIONS_KEY)
         return parse_rejections(stored, time.time())
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        async with unavailable_on_error(_CLUSTER_ERRORS), self._gate:
+            yield
+
+    async def presence_update(self, changes: list[PresenceChange]) -> bool:
+        return await self._presence.update(changes)
+
+    async def presence_beat(self, topics: list[str]) -> bool:
+        return await self._presence.beat(topics)
+
+    async def presence_goodbye(self) -> None:
+        await self._presence.goodbye()
+
+    async def presence(self, topic: str, limit: int) -> PresenceState:
+        return await self._presence.query(topic, limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict, deque
 from dataclasses import replace
@@ -16,9 +17,13 @@ from notifier.broker import (
     OnNotification,
     OnResync,
     OnState,
+    PresenceChange,
+    PresenceEvent,
+    PresenceState,
     Rejections,
     complete,
     next_id,
+    presence_message,
     topic_idempotency_key,
 )
 from notifier.protocol import Accepted, Notification
@@ -58,6 +63,7 @@ class MemoryBroker:
         self._rejections: Rejections = {}
         self._answers: dict[str, tuple[float, Accepted]] = {}
         self._deliver: OnNotification = lambda _n: None
+        self._presence: dict[str, dict[str, int]] = {}  # topic -> user -> connections (no zeros)
 
     async def start(self, on_notification: OnNotification, on_state: OnState, on_resync: OnResync) -> None:
         self._deliver = on_notification
@@ -176,6 +182,36 @@ class MemoryBroker:
         now = time.time()
         self._rejections = {s: r for s, r in self._rejections.items() if r[1] > now}
         return dict(self._rejections)
+
+    async def presence_update(self, changes: list[PresenceChange]) -> bool:
+        events: list[PresenceEvent] = []
+        for topic, user, count in changes:
+            users = self._presence.setdefault(topic, {})
+            old = users.get(user, 0)
+            if count > 0:
+                users[user] = count
+                if old == 0:
+                    events.append((topic, "join", user))
+            else:
+                users.pop(user, None)
+                if old > 0:
+                    events.append((topic, "leave", user))
+            if not users:
+                del self._presence[topic]
+        if events:
+            await self.publish(CONTROL_TOPIC, presence_message(events), time.time_ns() // 1_000_000)
+        return False
+
+    async def presence_beat(self, topics: list[str]) -> bool:
+        return False  # one node: nothing to keep alive, nobody to sweep
+
+    async def presence_goodbye(self) -> None:
+        self._presence.clear()
+
+    async def presence(self, topic: str, limit: int) -> PresenceState:
+        users = self._presence.get(topic, {})
+        first = heapq.nsmallest(limit, users)
+        return PresenceState(len(users), [(user, users[user]) for user in first])
 
     def _remembered(self, key: str) -> Accepted | None:
         now = time.monotonic()

@@ -32,6 +32,8 @@ from notifier.broker import (
     OnResync,
     OnState,
     PartlyPublished,
+    PresenceChange,
+    PresenceState,
     Rejections,
     topic_idempotency_key,
 )
@@ -46,8 +48,10 @@ from notifier.redis_history import (
     MANY_CHANNEL,
     MASTER_KEY,
     PREFIX,
+    PRESENCE_PREFIX,
     PROBE_PREFIX,
     PUBLISH_BATCH_LUA,
+    PUBLISH_LUA,
     PUBLISH_MANY_LUA,
     REJECTIONS_KEY,
     SEQ_KEY,
@@ -55,6 +59,7 @@ from notifier.redis_history import (
     HistoryReader,
     parse_rejections,
 )
+from notifier.redis_presence import RedisPresence
 from notifier.redis_topology import connect
 
 log = logging.getLogger("notifier.broker")
@@ -157,6 +162,12 @@ class RedisBroker:
         self._many_script = self._pub.register_script(PUBLISH_MANY_LUA)
         self._session_script = self._pub.register_script(SESSION_LUA)
         self._reader = HistoryReader(self._pub, history_size, history_ttl)
+        self._node_id = uuid.uuid4().hex
+        control = [SEQ_KEY, EPOCH_KEY, CHANNEL_PREFIX + CONTROL_TOPIC, HISTORY_PREFIX + CONTROL_TOPIC]
+        self._presence = RedisPresence(
+            self._pub, PUBLISH_LUA, control, PRESENCE_PREFIX, self._node_id,
+            (history_size, history_ttl), self._deadline, unavailable_on_error,
+        )
         # No silent gap: ``_gap_from`` is the position after which a lost session may have
         # missed notifications (None: nothing to fill); ``_seen`` the last id the link delivered,
         # ``_floor`` the id counter when the session subscribed; ``_filled`` the last id a gap
@@ -182,7 +193,7 @@ class RedisBroker:
         self._stop = asyncio.Event()
         # The probe: this node publishes to a channel of its own and expects it back on its
         # subscription. A link that looks healthy but delivers nothing is caught this way.
-        self._probe_channel = f"{PROBE_PREFIX}{uuid.uuid4().hex}".encode()
+        self._probe_channel = f"{PROBE_PREFIX}{self._node_id}".encode()
         self._probe_sent: dict[bytes, float] = {}
         self.probe_lag: float | None = None  # seconds the last probe took to come back
         self._clock_offset: float | None = None  # Redis's clock minus ours, in seconds
@@ -214,13 +225,32 @@ class RedisBroker:
         tail = notification_tail(topic, data_json, ts)
         return await self._batcher.submit(topic, tail, ts, idempotency_key)
 
+    def _deadline(self) -> str:
+        """The time (unix ms, Redis's clock) after which a script must refuse to write: a margin
+        before our timeout fires, so nothing happens after we answered 503."""
+        if self._clock_offset is None:
+            raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
+        return str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
+
+    async def presence_update(self, changes: list[PresenceChange]) -> bool:
+        return await self._presence.update(changes)
+
+    async def presence_beat(self, topics: list[str]) -> bool:
+        return await self._presence.beat(topics)
+
+    async def presence_goodbye(self) -> None:
+        await self._presence.goodbye()
+
+    async def presence(self, topic: str, limit: int) -> PresenceState:
+        return await self._presence.query(topic, limit)
+
     async def _publish_batch(self, batch: list[Pending]) -> list[Accepted]:
         """One PUBLISH_BATCH_LUA call for the publishes of one loop iteration (notifier.redis_batch)."""
         if self._clock_offset is None:
             raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         # A publish that reaches Redis after we answered 503 must not happen: the script refuses
         # past this deadline, set in Redis's own clock a margin before our timeout fires.
-        deadline = str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
+        deadline = self._deadline()
         keys = [SEQ_KEY, EPOCH_KEY]
         args: list[Any] = [deadline, self._history_size, self._history_ttl, IDEMPOTENCY_TTL]
         for item in batch:

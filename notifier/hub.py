@@ -197,6 +197,8 @@ class Hub:
         self._held: dict[str, dict[Connection, Held]] = {}
         self.connections: set[Connection] = set()
         self.per_user: dict[str, int] = {}  # user (token sub) -> its open connections; no zeros kept
+        # topic -> the connections that asked for its join and leave events (notifier.presence)
+        self.listeners: dict[str, set[Connection]] = {}
 
     def user_attached(self, sub: str) -> None:
         self.per_user[sub] = self.per_user.get(sub, 0) + 1
@@ -252,6 +254,14 @@ class Hub:
             if not subscribers:
                 del self._topics[topic]
         return self.count(topic) == 0
+
+    def unlisten(self, conn: Connection, topic: str) -> None:
+        """No more join and leave events of ``topic`` for ``conn``."""
+        listening = self.listeners.get(topic)
+        if listening is not None:
+            listening.discard(conn)
+            if not listening:
+                del self.listeners[topic]
 
     def count(self, topic: str) -> int:
         return len(self._topics.get(topic, ())) + len(self._held.get(topic, ()))

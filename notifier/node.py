@@ -15,11 +15,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from notifier.auth import Principal
-from notifier.broker import CONTROL_TOPIC, Broker, History, PartlyPublished, Rejections
+from notifier.broker import CONTROL_TOPIC, Broker, History, PartlyPublished, PresenceState, Rejections
 from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
-from notifier.protocol import Accepted, Notification, Positions, Since, dumps, loads
+from notifier.presence import PresenceTracker
+from notifier.protocol import (
+    BROADCAST,
+    Accepted,
+    Notification,
+    Positions,
+    Since,
+    dumps,
+    loads,
+    sse_event,
+    ws_text_frame,
+)
 from notifier.replay import Replay
 
 log = logging.getLogger("notifier.node")
@@ -27,6 +38,7 @@ log = logging.getLogger("notifier.node")
 DRAIN_STEP = 0.1  # seconds between two batches of closes during a drain
 HISTORY_READS = 4  # history answers (up to 4 MiB each) an instance builds at once
 REJECTION_SECONDS = 24 * 3600  # how long an administrator's reject_tokens_issued_before holds
+PRESENCE_GOODBYE = 2.0  # seconds a stopping instance gives its last presence changes and goodbye
 
 
 class Node:
@@ -45,17 +57,20 @@ class Node:
         # connect, kept current by the control messages of every node's disconnects.
         self.rejections: Rejections = {}
         self._loading: asyncio.Task[None] | None = None
+        self.presence = PresenceTracker(broker)
 
     async def start(self) -> None:
         self.metrics.broker_connected.set(0)
         broker = self.broker
         self.metrics.probe_lag.set_function(lambda: _nan_if_none(broker.probe_lag))
         await self.broker.start(self._deliver, self._broker_state, self._resynced)
+        self.presence.start()
 
     async def close(self) -> None:
         if self._loading is not None:
             self._loading.cancel()
             await asyncio.gather(self._loading, return_exceptions=True)
+        await self.presence.close(PRESENCE_GOODBYE)
         await self.broker.close()
 
     @property
@@ -91,6 +106,8 @@ class Node:
         log.info("broker %s", "connected" if connected else "disconnected")
         if connected and (self._loading is None or self._loading.done()):
             self._loading = asyncio.get_running_loop().create_task(self._load_rejections())
+        if connected:
+            self.presence.resend_all()  # the broker may have lost them meanwhile
 
     # -- administrators ---------------------------------------------------------------------
 
@@ -132,12 +149,16 @@ class Node:
             self._reject(sub, before, until)
 
     def _control(self, notification: Notification) -> None:
-        """A message from a node (see :data:`CONTROL_TOPIC`): an administrator's disconnect."""
+        """A message from a node (see :data:`CONTROL_TOPIC`): an administrator's disconnect, or
+        presence events."""
         try:
             message = loads(notification.frame)["data"]
-            kind, sub = message["type"], message["sub"]
-        except (ValueError, KeyError, TypeError):
+            kind, sub = message["type"], message.get("sub")
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.error("dropping a malformed control message")
+            return
+        if kind == "presence":
+            self._presence_events(message.get("events"))
             return
         if kind != "disconnect" or not isinstance(sub, str):
             return
@@ -150,6 +171,42 @@ class Node:
                 conn.close(CloseCode.DISCONNECTED_BY_ADMIN, "disconnected by an administrator")
                 closed += 1
         log.info("administrator disconnect of %r: %d connections closed here", sub, closed)
+
+    def _presence_events(self, events: object) -> None:
+        """Join and leave events from the broker: to this node's connections listening on their
+        topic, except those of the user the event is about. Each frame is encoded once."""
+        if not isinstance(events, list):
+            return
+        listeners = self.hub.listeners
+        for event in events:
+            if not (isinstance(event, list) and len(event) == 3):
+                continue
+            topic, kind, user = event
+            conns = listeners.get(topic) if isinstance(topic, str) else None
+            if not conns or kind not in ("join", "leave"):
+                continue
+            text = dumps({"type": kind, "topic": topic, "user": user})
+            size = len(text.encode())
+            ws_wire = sse_wire = b""
+            for conn in conns:
+                if conn.principal.sub == user or conn.close_code is not None:
+                    continue
+                if conn.sse:
+                    sse_wire = sse_wire or sse_event(kind, text)
+                    conn.push(text, size, 0, sse_wire)
+                else:
+                    ws_wire = ws_wire or ws_text_frame(text.encode())
+                    conn.push(text, size, 0, ws_wire)
+
+    def listen(self, conn: Connection, topics: list[str]) -> None:
+        """Send ``conn`` the join and leave events of ``topics`` (those it holds, not broadcast)."""
+        for topic in topics:
+            if topic != BROADCAST and topic in conn.topics:
+                self.hub.listeners.setdefault(topic, set()).add(conn)
+
+    async def presence_of(self, topic: str) -> PresenceState:
+        """Who is on ``topic`` across the deployment. BrokerUnavailable on failure."""
+        return await self.presence.query(topic)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -209,7 +266,10 @@ class Node:
         async with self._topic_lock(topic):
             if self.hub.count(topic) == 0:
                 await self.broker.subscribe(topic)
+            new = topic not in conn.topics
             (self.hub.hold if hold else self.hub.add)(conn, topic)
+            if new:
+                self.presence.add(topic, conn.principal.sub)
 
     async def history(self, topic: str, since: int | None, limit: int, max_bytes: int) -> History:
         return await self.broker.history(topic, since, limit, max_bytes)
@@ -219,6 +279,8 @@ class Node:
             if topic not in conn.topics:
                 continue
             async with self._topic_lock(topic):
+                self.presence.remove(topic, conn.principal.sub)
+                self.hub.unlisten(conn, topic)
                 if self.hub.remove(conn, topic):
                     try:
                         await self.broker.unsubscribe(topic)

@@ -23,6 +23,7 @@ HISTORY_PREFIX = PREFIX + "history:"
 PROBE_PREFIX = PREFIX + "probe:"
 MASTER_KEY = PREFIX + "master"  # the replication id of the master of the last session (Sentinel)
 REJECTIONS_KEY = PREFIX + "rejections"  # sub -> "<before> <until>": tokens refused by an admin
+PRESENCE_PREFIX = PREFIX + "presence:"  # notifier.redis_presence's keys
 
 # KEYS: id counter, epoch, topic channel, topic history stream, [idempotency key]
 # ARGV: frame tail (everything after the id), ts, idempotency ttl, topic, history size,

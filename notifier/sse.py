@@ -52,7 +52,7 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
     try:
         try:
             slot.take()
-            principal, topics, since = await authorize(services, scope)
+            principal, topics, since, presence = await authorize(services, scope)
             last = header(scope, b"last-event-id")
             if last is not None:  # EventSource's resume: newer than any since of the URL
                 if not (last.isdigit() and len(last) <= 20):
@@ -69,6 +69,8 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
             except BrokerUnavailable as exc:
                 await _deny(services, send, Handshake(503, f"broker unavailable: {exc}"))
                 return
+            if presence:
+                node.listen(conn, topics)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             services.metrics.handshakes.labels("accepted").inc()
             hello["topics"] = sorted(conn.topics)

@@ -50,6 +50,7 @@ CLOSE_GRACE = 2.0  # seconds a close may wait on a socket that does not drain be
 # and come back when there is room, and every admitted handshake is answered in milliseconds.
 MAX_HANDSHAKES_IN_PROGRESS = 128
 ABORT_EXTENSION = "notifier.abort"
+PRESENCE_VALUES = {"1": True, "true": True, "0": False, "false": False}
 SINK_EXTENSION = "notifier.sink"
 
 
@@ -71,7 +72,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         try:
             slot.take()
-            principal, topics, since = await authorize(services, websocket.scope)
+            principal, topics, since, presence = await authorize(services, websocket.scope)
             conn = admit(services, principal)
         except Handshake as refusal:
             await _deny(services, websocket, refusal)
@@ -83,6 +84,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             except BrokerUnavailable as exc:
                 await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
                 return
+            if presence:
+                node.listen(conn, topics)
             await websocket.accept()
             services.metrics.handshakes.labels("accepted").inc()
             sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
@@ -137,9 +140,10 @@ async def join(
     return hello, replay
 
 
-async def authorize(services: Services, scope: Scope) -> tuple[Principal, list[str], Since | None]:
-    """The principal, the topics asked for and ``since`` of a handshake (WebSocket or SSE), or
-    :class:`Handshake` saying why it is refused."""
+async def authorize(services: Services, scope: Scope) -> tuple[Principal, list[str], Since | None, bool]:
+    """The principal, the topics asked for, ``since`` and whether presence events are asked for
+    (``presence=1``) of a handshake (WebSocket or SSE), or :class:`Handshake` saying why it is
+    refused."""
     # Not websocket.query_params: Starlette would keep that parsed copy for the socket's life.
     params = QueryParams(scope["query_string"])
     token = params.get("token") or bearer(header(scope, b"authorization"))
@@ -161,9 +165,12 @@ async def authorize(services: Services, scope: Scope) -> tuple[Principal, list[s
         principal.check_subscribe(topics)
         # One id, or per-topic positions (at most as many as a connection may hold topics).
         since = parse_positions(params.get("since"), limit)
+        presence = params.get("presence", "0")
+        if presence not in PRESENCE_VALUES:
+            raise BadFrame("presence must be 1 (join and leave events) or 0")
     except (Forbidden, LimitExceeded, BadFrame, ValueError) as exc:
         raise Handshake(403, str(exc), "forbidden") from None
-    return principal, topics, since
+    return principal, topics, since, PRESENCE_VALUES[presence]
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -409,9 +416,14 @@ class Session:
             )
         self.conn.principal.check_subscribe(topics)
         since = _frame_since(frame.body.get("since"), limit)
+        presence = frame.body.get("presence", False)
+        if not isinstance(presence, bool):
+            raise BadFrame("'presence' must be true or false")
         reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
         if since is None:
             await self.node.subscribe(self.conn, topics)
+            if presence:
+                self.node.listen(self.conn, topics)
             self._reply(frame, reply)
             return
         running, hub = self.replay, self.node.hub
@@ -419,6 +431,8 @@ class Session:
             # One recovery of a topic at a time: the new one starts once this one is live.
             await asyncio.gather(running, return_exceptions=True)
         replay = await self.node.recover(self.conn, topics, since)
+        if presence:
+            self.node.listen(self.conn, topics)
         reply["recovered"] = replay.recovered
         self._reply(frame, reply)
         self._start_replay(replay)

@@ -23,8 +23,9 @@ from redis.asyncio import Redis
 from support import RedisServer, SentinelSet, SlowLink
 from support_cluster import ClusterSet
 
+from notifier import redis_presence
 from notifier.auth import Principal
-from notifier.broker import Broker, create_broker
+from notifier.broker import CONTROL_TOPIC, Broker, create_broker
 from notifier.broker_memory import MemoryBroker
 from notifier.broker_redis import RedisBroker
 from notifier.errors import BrokerUnavailable
@@ -907,3 +908,71 @@ async def test_redis_publish_many_failing_part_way_publishes_a_prefix_and_a_retr
     for topic in sample:
         (notification,) = inbox.of(topic)
         assert_frame(notification, by_topic[topic], "once" if by_topic[topic].repeated else "twice")
+
+
+# -- presence (notifier.presence): every broker -------------------------------------------------
+
+
+def presence_events(inbox: Inbox) -> list[list[str]]:
+    """The presence events delivered so far, in order (from the control topic's messages)."""
+    found: list[list[str]] = []
+    for frame in inbox.frames(CONTROL_TOPIC):
+        if frame["data"].get("type") == "presence":
+            found += frame["data"]["events"]
+    return found
+
+
+async def test_presence_counts_users_lists_them_sorted_and_publishes_each_change_once(
+    make_broker: MakeBroker,
+) -> None:
+    broker = make_broker()
+    async with running(broker) as inbox:
+        room = fresh("room")
+        await broker.presence_update([(room, "bob", 1), (room, "zoë", 2), (room, "alice", 1)])
+        await broker.presence_update([(room, "bob", 3), (room, "alice", 1)])  # no new user: no event
+        await broker.presence_update([(room, "alice", 0)])
+        state = await broker.presence(room, 1000)
+        assert (state.count, state.users) == (2, [("bob", 3), ("zoë", 2)])
+        assert (await broker.presence(room, 1)).users == [("bob", 3)]
+        expected = [
+            [room, "join", "bob"], [room, "join", "zoë"], [room, "join", "alice"], [room, "leave", "alice"]
+        ]
+        await inbox.wait_for(lambda: len(presence_events(inbox)) >= 4, "4 presence events")
+        assert [e for e in presence_events(inbox) if e[0] == room] == expected
+        await broker.presence_update([(room, "bob", 0), (room, "zoë", 0)])
+        assert (await broker.presence(room, 1000)).count == 0
+        await broker.presence_goodbye()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "cluster"], indirect=True)
+async def test_presence_of_two_nodes_adds_up_and_a_silent_node_is_swept_with_its_leaves(
+    make_broker: MakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_presence, "PRESENCE_DEAD_AFTER", 1)
+    a, b = make_broker(), make_broker()
+    async with running(a) as inbox, running(b):
+        room = fresh("room")
+        assert await a.presence_beat([]) is True  # unknown until now: send everything
+        assert await a.presence_beat([]) is False
+        await a.presence_update([(room, "alice", 1), (room, "bob", 1)])
+        await b.presence_update([(room, "alice", 2)])  # alice on both: one user, joined once
+        assert (await b.presence(room, 10)).users == [("alice", 3), ("bob", 1)]
+        # a falls silent: b's heartbeat after the dead line sweeps it, publishing bob's leave
+        # (alice stays: b holds her).
+        await inbox.wait_for(lambda: len(presence_events(inbox)) >= 2, "2 joins")
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:
+            await b.presence_beat([room])
+            await asyncio.sleep(0.1)
+        assert (await b.presence(room, 10)).users == [("alice", 2)]
+        await inbox.wait_for(lambda: len(presence_events(inbox)) >= 3, "bob's leave")
+        assert [e for e in presence_events(inbox) if e[0] == room] == [
+            [room, "join", "alice"], [room, "join", "bob"], [room, "leave", "bob"]
+        ]
+        # a comes back: the broker forgot it, so it is told to send all its counts again.
+        assert await a.presence_update([(room, "alice", 1)]) is True
+        await a.presence_update([(room, "bob", 1)])
+        assert (await b.presence(room, 10)).users == [("alice", 3), ("bob", 1)]
+        await a.presence_goodbye()
+        await b.presence_goodbye()
+        assert (await b.presence(room, 10)).count == 0
