@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SECRET, mint_token
-from support import Instance, RedisServer
+from support import Instance, RedisServer, stop_all
+from test_faults import Nginx
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -385,3 +386,223 @@ def test_js_client_queues_requests_made_while_connecting_and_sends_them_in_order
         "topics": ["js:kept"],
         "seen": ["js:kept", "user:fred"],
     }
+
+
+# -- presence: who is online ------------------------------------------------------------------
+
+
+def online(page: Any, topic: str) -> Any:
+    """The users of ``topic`` in the demo page's online list."""
+    return page.locator(f'#online .online[data-topic="{topic}"] .user')
+
+
+@pytest.mark.redis
+def test_demo_pages_on_two_instances_see_each_other_come_and_go_in_the_online_list(
+    pages: Pages, redis_server: RedisServer
+) -> None:
+    """Behind the repository's nginx.conf (least_conn: alice's socket on one instance, bob's
+    stream on the other, as each instance's own count shows)."""
+    first, second = Instance(instance_env(redis_server.url)), Instance(instance_env(redis_server.url))
+    nginx = Nginx([first, second])
+    try:
+        first.start()
+        second.start()
+        nginx.start()
+        topic = "room:presence"
+        alice = pages.open(demo(nginx.url, "alice", topics=topic))
+        connected(alice)
+        expect(online(alice, topic)).to_have_text(["alice"])  # herself, from hello.user
+        expect(alice.locator(f'#online .online[data-topic="{topic}"] .user.me')).to_have_text("alice")
+
+        # Bob on the other instance, over Server-Sent Events: he reads alice from presence();
+        # alice learns of him from a join event only (her query was answered before he came).
+        bob = pages.open(demo(nginx.url, "bob", topics=topic) + "&transport=sse")
+        connected(bob)
+        expect(bob.locator("#who")).to_have_text("as bob · via SSE")
+        assert [first.metric("notifier_connections"), second.metric("notifier_connections")] == [1, 1]
+        expect(online(bob, topic)).to_have_text(["alice", "bob"])
+        expect(online(alice, topic)).to_have_text(["alice", "bob"])
+
+        # Carol joins through the form: a join event for both (bob's over his event stream).
+        carol = pages.open(demo(nginx.url, "carol"))
+        connected(carol)
+        carol.fill("#join-topic", topic)
+        carol.click("#join-form button")
+        expect(online(carol, topic)).to_have_text(["alice", "bob", "carol"])
+        for page in (alice, bob):
+            expect(online(page, topic)).to_have_text(["alice", "bob", "carol"])
+
+        carol.close()  # her WebSocket goes: a leave event on both instances
+        for page in (alice, bob):
+            expect(online(page, topic)).to_have_text(["alice", "bob"])
+        bob.close()  # his event stream ends
+        expect(online(alice, topic)).to_have_text(["alice"])
+        assert alice.locator("#feed .note.system.bad").count() == 0
+    finally:
+        nginx.stop()
+        stop_all([first, second])
+
+
+# -- Server-Sent Events fallback ----------------------------------------------------------------
+
+# Page-side: a WebSocket that cannot even be constructed (a policy, an extension, a sandbox).
+NO_WEBSOCKET = """
+window.WebSocket = function WebSocket() {
+  throw new DOMException("WebSockets are blocked here", "SecurityError");
+};
+"""
+
+# Page-side: a WebSocket whose handshakes all fail before `open` (a proxy that drops upgrades).
+FAILING_WEBSOCKET = """
+window.webSocketsTried = 0;
+window.WebSocket = class {
+  constructor(url) {
+    window.webSocketsTried++;
+    this.url = url;
+    setTimeout(() => this.onclose && this.onclose({ code: 1006, reason: "" }), 10);
+  }
+  send() { throw new Error("never open"); }
+  close() {}
+};
+"""
+
+
+@pytest.mark.redis
+def test_demo_page_without_websockets_reads_the_event_stream_and_misses_nothing_across_a_restart(
+    pages: Pages, redis_server: RedisServer
+) -> None:
+    first, other = Instance(instance_env(redis_server.url)), Instance(instance_env(redis_server.url))
+    try:
+        first.start()
+        other.start()
+        page = pages.open()
+        page.add_init_script(NO_WEBSOCKET)
+        streams: list[str] = []
+        page.on("request", lambda request: "/v1/sse?" in request.url and streams.append(request.url))
+        page.goto(demo(first.url, "dave", topics="room:sse"))
+        connected(page)
+        expect(page.locator("#who")).to_have_text("as dave · via SSE")
+        expect(page.get_by_text("Using Server-Sent Events: new WebSocket() threw")).to_be_visible()
+        before = post(other.url, "room:sse", {"text": "before the restart"})
+        expect(page.get_by_text("before the restart")).to_be_visible()
+
+        # Publishing from the page goes over POST /v1/notifications.
+        page.fill("#publish-topic", "room:sse")
+        page.fill("#publish-text", "from the page")
+        page.press("#publish-text", "Enter")
+        expect(page.locator("#feed .note.mine", has_text="from the page")).to_be_visible()
+        mine = feed_ids(page)[-1]
+
+        first.stop()  # the stream ends; the client reconnects by itself, with backoff
+        expect(page.locator("#state")).not_to_have_text("connected")
+        away = [post(other.url, "room:sse", {"text": f"while away {n}"}) for n in range(3)]
+        first.start()
+        expect(page.locator("#state")).to_have_text("connected", timeout=2 * DEADLINE_MS)
+        for n in range(3):
+            expect(page.get_by_text(f"while away {n}", exact=True)).to_be_visible()
+        after = post(first.url, "room:sse", {"text": "after the restart"})
+        expect(page.get_by_text("after the restart")).to_be_visible()
+        expect(page.get_by_text("Reconnected: caught up on everything missed.")).to_be_visible()
+        assert feed_ids(page) == [before["id"], mine, *(a["id"] for a in away), after["id"]]
+
+        # Each reconnect carried every topic's own position, not one Last-Event-ID.
+        assert len(streams) >= 2, streams
+        assert f"room%3Asse%3A{mine}" in streams[-1] and "presence=1" in streams[-1], streams[-1]
+    finally:
+        stop_all([first, other])
+
+
+def test_js_client_falls_back_to_sse_after_three_websocket_handshakes_fail_before_open(
+    server: Instance, pages: Pages
+) -> None:
+    page = pages.open()
+    page.add_init_script(FAILING_WEBSOCKET)
+    page.goto(server.url + "/")
+    result = page.evaluate(
+        """async (token) => {
+            const client = new NotifierClient(
+                { token, url: location.origin, minDelay: 50, topics: ["js:fallback"] });
+            const reasons = [];
+            client.on("transport", (transport, reason) => reasons.push(transport + ": " + reason));
+            const hello = nextEvent(client, "hello");
+            client.connect();
+            const frame = await hello;
+            const live = nextEvent(client, "notification", (n) => n.topic === "js:fallback");
+            const published = await client.publish("js:fallback", { over: "http" });
+            const notification = await live;
+            client.close();
+            return { reasons, user: frame.user, tried: window.webSocketsTried, transport: client.transport,
+                     same: notification.id === published.id, type: published.type };
+        }""",
+        mint_token("gina"),
+    )
+    assert result["tried"] == 3 and result["transport"] == "sse", result
+    assert result["reasons"] == ["sse: 3 WebSocket handshakes failed while the HTTP API answers"]
+    assert result["user"] == "gina" and result["same"] and result["type"] == "published"
+
+
+def test_js_client_over_sse_subscribes_by_reopening_the_stream_and_publishes_over_http(
+    server: Instance, pages: Pages
+) -> None:
+    page = pages.open(server.url + "/")
+    result = page.evaluate(
+        """async (token) => {
+            const client = new NotifierClient({ token, url: location.origin, transport: "sse" });
+            const hello = nextEvent(client, "hello");
+            client.connect();
+            const first = (await hello).session;
+            const outcome = async (promise) => promise.then(
+                (reply) => ({ ok: reply }), (err) => ({ code: err.code, message: err.message }));
+            const seen = [];
+            client.on("notification", (n) => seen.push(n.topic));
+            const subscribed = await outcome(client.subscribe(["js:sse"]));
+            const session = client.session;
+            const published = await outcome(client.publish("js:sse", { n: 1 }));
+            const forbidden = await outcome(client.subscribe(["user:somebody-else"]));
+            const bad = await outcome(client.subscribe(["not a topic"]));
+            const refusedPublish = await outcome(client.publish("not a topic", 1));
+            const unsubscribed = await outcome(client.unsubscribe(["js:sse"]));
+            await client.publish("js:sse", "not for us any more");
+            const last = nextEvent(client, "notification", (n) => n.topic === "user:hana");
+            await client.publish("user:hana", "the end");
+            await last;
+            const topics = [...client.topics];
+            client.close();
+            return { subscribed, published, forbidden, bad, refusedPublish, unsubscribed, topics, seen,
+                     reopened: session !== first, transport: client.transport };
+        }""",
+        mint_token("hana"),
+    )
+    assert result["subscribed"] == {"ok": {"type": "subscribed", "topics": ["js:sse"], "ref": 1}}
+    assert result["reopened"], "a subscribe on a stream opens a new one"
+    assert result["published"]["ok"]["type"] == "published" and result["published"]["ok"]["id"].isdigit()
+    assert result["forbidden"]["code"] == "forbidden"
+    assert result["bad"]["code"] == "bad_request"
+    refused = result["refusedPublish"]
+    assert refused["code"] == "bad_request" and "HTTP 422" in refused["message"]
+    assert result["unsubscribed"]["ok"]["type"] == "unsubscribed"
+    assert result["topics"] == []
+    assert result["seen"] == ["js:sse", "user:hana"]
+    assert result["transport"] == "sse"
+
+
+def test_js_client_presence_rejects_with_the_status_and_the_servers_detail(
+    server: Instance, pages: Pages
+) -> None:
+    page = pages.open(server.url + "/")
+    result = page.evaluate(
+        """async (token) => {
+            const client = new NotifierClient({ token, url: location.origin });
+            const outcome = async (promise) => promise.then(
+                (reply) => ({ ok: reply }),
+                (err) => ({ code: err.code, status: err.status, message: err.message }));
+            return { broadcast: await outcome(client.presence("broadcast")),
+                     other: await outcome(client.presence("user:somebody-else")),
+                     empty: await outcome(client.presence("room:nobody")) };
+        }""",
+        mint_token("ida"),
+    )
+    assert result["broadcast"]["status"] == 422 and result["broadcast"]["code"] == "bad_request"
+    assert result["broadcast"]["message"].startswith("presence of broadcast: HTTP 422: ")
+    assert result["other"]["status"] == 403 and result["other"]["code"] == "forbidden"
+    assert result["empty"] == {"ok": {"topic": "room:nobody", "count": 0, "users": []}}

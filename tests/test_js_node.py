@@ -88,6 +88,59 @@ try {
 }
 """
 
+PRESENCE = """
+const { NotifierClient } = require(process.env.NOTIFIER_JS);
+const [aliceToken, bobToken] = process.env.NOTIFIER_TOKEN.split(" ");
+const make = (token, options) => new NotifierClient({
+  url: process.env.NOTIFIER_URL, token, WebSocket: require("ws"), pingInterval: 0, ...options });
+const alice = make(aliceToken, { topics: ["room:p"], presence: true });
+const bob = make(bobToken, {});
+const next = (client, event) => new Promise((resolve) => {
+  client.on(event, function handler(value) { client.off(event, handler); resolve(value); });
+});
+const users = (state) => state.users.map((u) => `${u.user}:${u.connections}`);
+for (const client of [alice, bob]) {
+  client.on("error", (err) => out({ event: "error", code: err.code, message: err.message }));
+}
+alice.on("join", (e) => out({ event: "alice join", frame: e }));
+alice.on("leave", (e) => out({ event: "alice leave", frame: e }));
+(async () => {
+  const hello = next(alice, "hello");
+  alice.connect();
+  await hello;
+  out({ event: "alone", state: await alice.presence("room:p") });
+  const joined = next(alice, "join");
+  bob.connect();
+  await next(bob, "hello");
+  await bob.subscribe(["room:p"]);  // bob asked for no presence events: only a member
+  await joined;
+  out({ event: "both", users: users(await alice.presence("room:p")) });
+  const left = next(alice, "leave");
+  bob.close();
+  await left;
+  out({ event: "after", users: users(await alice.presence("room:p")) });
+  for (const topic of ["broadcast", "user:bob"]) {
+    await alice.presence(topic).then(
+      (state) => out({ event: "refused?", topic, state }),
+      (err) => out({ event: "refused", topic, code: err.code, status: err.status, message: err.message }));
+  }
+  alice.close();
+})().catch((err) => { out({ event: "thrown", message: String(err && err.stack) }); process.exit(1); });
+"""
+
+TRANSPORT_OPTIONS = """
+const { NotifierClient } = require(process.env.NOTIFIER_JS);
+const base = { url: process.env.NOTIFIER_URL, token: process.env.NOTIFIER_TOKEN, WebSocket: require("ws") };
+for (const transport of ["sse", "carrier-pigeon", "auto", "websocket"]) {
+  try {
+    const client = new NotifierClient({ ...base, transport });
+    out({ transport, uses: client.transport });
+  } catch (err) {
+    out({ transport, code: err.code, message: err.message });
+  }
+}
+"""
+
 ESM_IMPORT = """
 import { NotifierClient, NotifierError } from "NOTIFIER_JS_URL";
 console.log(JSON.stringify({ client: typeof NotifierClient, error: typeof NotifierError }));
@@ -165,3 +218,35 @@ def test_node_imports_the_client_as_an_es_module_too(tmp_path: Path) -> None:
     script = ESM_IMPORT.replace("NOTIFIER_JS_URL", CLIENT.as_uri())
     events = run_node(script, tmp_path, "http://127.0.0.1:1", "", name="import.mjs")
     assert events == [{"client": "function", "error": "function"}]
+
+
+@needs_ws
+def test_node_client_reads_presence_and_gets_join_and_leave_events(server: Instance, tmp_path: Path) -> None:
+    tokens = f"{mint_token('alice', ('subscribe',))} {mint_token('bob', ('subscribe',))}"
+    events = run_node(PRESENCE, tmp_path, server.url, tokens)
+    kinds = [e["event"] for e in events]
+    assert "error" not in kinds and "timeout" not in kinds, events
+    # Presence is right within 2 s of a subscribe: alice herself may not be listed yet.
+    alone = events[0]["state"]
+    assert alone["topic"] == "room:p" and alone["users"] in ([], [{"user": "alice", "connections": 1}])
+    assert alone["count"] == len(alone["users"])
+    assert kinds[1:] == ["alice join", "both", "alice leave", "after", "refused", "refused"], events
+    assert events[1]["frame"] == {"type": "join", "topic": "room:p", "user": "bob"}
+    assert events[2]["users"] == ["alice:1", "bob:1"]
+    assert events[3]["frame"] == {"type": "leave", "topic": "room:p", "user": "bob"}
+    assert events[4]["users"] == ["alice:1"]
+    broadcast, other = events[5], events[6]
+    assert broadcast["code"] == "bad_request" and broadcast["status"] == 422
+    assert broadcast["message"].startswith("presence of broadcast: HTTP 422: ")
+    assert other["code"] == "forbidden" and other["status"] == 403
+
+
+@needs_ws
+def test_node_has_no_event_source_so_the_client_stays_on_websockets(server: Instance, tmp_path: Path) -> None:
+    events = run_node(TRANSPORT_OPTIONS, tmp_path, server.url, mint_token("nodeuser", ("subscribe",)))
+    assert events[0]["code"] == "no_eventsource" and "`EventSource` option" in events[0]["message"]
+    assert events[1]["code"] == "bad_option" and "carrier-pigeon" in events[1]["message"]
+    assert events[2:] == [
+        {"transport": "auto", "uses": "websocket"},
+        {"transport": "websocket", "uses": "websocket"},
+    ]

@@ -10,6 +10,9 @@
   let client = null;
   let autoTopics = [];
   let wasConnected = false;
+  // Who is online, per joined topic: the users of the last presence() answer, kept live by join
+  // and leave events. Events that arrive while a query is out are applied again on its answer.
+  const online = new Map(); // topic -> { users: Set, during: events seen while asking, or null, asked }
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -77,6 +80,66 @@
       list.append(chip);
       options.append(el("option", "", topic));
     }
+    for (const topic of online.keys()) if (!joined.includes(topic)) online.delete(topic);
+    renderOnline();
+  }
+
+  function renderOnline() {
+    const box = $("online");
+    box.replaceChildren();
+    for (const [topic, entry] of online) {
+      // Events never report this connection's own user: it is online wherever it joined.
+      const users = [...new Set([...entry.users, ...(client && client.user ? [client.user] : [])])].sort();
+      const row = el("div", "online");
+      row.dataset.topic = topic;
+      row.append(el("span", "topic", topic), el("span", "count", String(users.length)));
+      const list = el("ul", "users");
+      for (const user of users) {
+        const item = el("li", "user" + (client && user === client.user ? " me" : ""), user);
+        item.dataset.user = user;
+        list.append(item);
+      }
+      row.append(list);
+      box.append(row);
+    }
+    $("online-card").hidden = online.size === 0;
+  }
+
+  function askOnline(topic) {
+    const entry = online.get(topic) || { users: new Set(), during: null, asked: 0 };
+    online.set(topic, entry);
+    const asked = ++entry.asked;
+    const asking = client;
+    entry.during = [];
+    const current = () => asking === client && online.get(topic) === entry && entry.asked === asked;
+    asking.presence(topic).then(
+      (state) => {
+        if (!current()) return;
+        entry.users = new Set(state.users.map((u) => u.user));
+        for (const event of entry.during) applyPresence(entry, event);
+        entry.during = null;
+        renderOnline();
+      },
+      (err) => {
+        if (!current()) return;
+        entry.during = null;
+        system("Could not tell who is online in " + topic + ": " + err.message, true);
+      },
+    );
+    renderOnline();
+  }
+
+  function applyPresence(entry, event) {
+    if (event.type === "join") entry.users.add(event.user);
+    else entry.users.delete(event.user);
+  }
+
+  function onPresence(event) {
+    const entry = online.get(event.topic);
+    if (!entry) return;
+    applyPresence(entry, event);
+    if (entry.during) entry.during.push(event);
+    renderOnline();
   }
 
   function setState(state, detail) {
@@ -84,7 +147,8 @@
     badge.dataset.state = state;
     badge.textContent = state;
     if (state === "connected") {
-      $("who").textContent = client && client.user ? "as " + client.user : "";
+      const via = detail && detail.transport === "sse" ? " · via SSE" : "";
+      $("who").textContent = client && client.user ? "as " + client.user + via : "";
     } else if (state === "disconnected" && wasConnected && detail && detail.retryIn !== undefined) {
       wasConnected = false;
       system(`Connection lost${detail.code ? " (" + detail.code + ")" : ""}; reconnecting…`);
@@ -95,11 +159,23 @@
     if (client) client.close();
     wasConnected = false;
     const topics = (fragment.get("topics") || "").split(",").filter((t) => TOPIC.test(t));
-    client = new NotifierClient({ token, topics, since: fragment.get("since") || undefined });
+    online.clear();
+    client = new NotifierClient({
+      token,
+      topics,
+      since: fragment.get("since") || undefined,
+      presence: true,
+      transport: fragment.get("transport") || undefined,
+    });
     client.on("state", setState);
     client.on("notification", showNotification);
+    client.on("join", onPresence);
+    client.on("leave", onPresence);
+    client.on("transport", (transport, reason) => system(`Using ${transport === "sse" ? "Server-Sent Events" : transport}: ${reason}.`));
     client.on("hello", (hello) => {
       autoTopics = hello.topics.filter((t) => !client.topics.has(t));
+      // Changes made while disconnected are not replayed as events: ask again on every hello.
+      for (const topic of client.topics) askOnline(topic);
       renderTopics();
       if (hello.recovered === true && !wasConnected) system("Reconnected: caught up on everything missed.");
       if (hello.recovered === false) system("Reconnected, but some notifications were no longer retained.", true);
@@ -126,7 +202,7 @@
     const topic = $("join-topic").value.trim();
     if (!client) return system("Connect first.", true);
     client.subscribe([topic]).then(
-      () => { $("join-topic").value = ""; renderTopics(); },
+      () => { $("join-topic").value = ""; askOnline(topic); renderTopics(); },
       (err) => system("Could not join " + topic + ": " + err.message, true),
     );
   };
