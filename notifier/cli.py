@@ -1,4 +1,5 @@
-"""The ``notifier`` command: ``serve``, ``token``, ``publish``, ``subscribe``, ``disconnect``, ``bench``.
+"""The ``notifier`` command: ``serve``, ``token``, ``publish``, ``subscribe``, ``presence``,
+``disconnect``, ``bench``.
 
 Every failure is one clear line on stderr and a non-zero exit status, never a traceback.
 """
@@ -73,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         help="resume after this notification id (every topic), or each topic after its own: TOPIC:ID,...",
     )
 
+    presence = commands.add_parser(
+        "presence", help="print who is subscribed to a topic now, on every instance, as JSON"
+    )
+    presence.add_argument("topic", metavar="TOPIC")
+    presence.add_argument("--url", help="server URL (NOTIFIER_URL, default http://127.0.0.1:8000)")
+    presence.add_argument("--token", help="bearer token with the subscribe scope (NOTIFIER_TOKEN)")
+
     disconnect = commands.add_parser(
         "disconnect", help="close every connection of a user on every instance (admin scope)"
     )
@@ -119,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "publish":
             return _publish(args)
+        if args.command == "presence":
+            return _presence(args)
         if args.command == "disconnect":
             return _disconnect(args)
         if args.command == "bench":
@@ -280,6 +290,26 @@ def _publish(args: argparse.Namespace) -> int:
     except ClientError as exc:
         raise _with_token_hint(exc, client.token) from None
     print(orjson.dumps(answer).decode(), flush=True)
+    return 0
+
+
+def _presence(args: argparse.Namespace) -> int:
+    from notifier.client import presence
+    from notifier.protocol import valid_topic
+
+    client = load_client_settings(url=args.url, token=args.token)
+    _check_url(client.url)
+    if not valid_topic(args.topic):
+        raise ConfigError(f"TOPIC: invalid topic name {args.topic!r} (letters, digits, _ . : -; at most 128)")
+    try:
+        answer = asyncio.run(presence(client.url, client.token, args.topic))
+    except ClientError as exc:
+        raise _with_token_hint(exc, client.token) from None
+    # The server's answer as it came: {"topic", "count", "users": [{"user", "connections"}, ...]}.
+    print(orjson.dumps(answer).decode(), flush=True)
+    if answer.count > len(answer.users):
+        listed = f"{len(answer.users):,} of {answer.count:,} users listed (the first ones by user)"
+        print(f"notifier: warning: {listed}", file=sys.stderr)
     return 0
 
 

@@ -18,8 +18,10 @@ draining instance closes with 1001, a slow consumer gets 1013, the network fails
 reconnects with exponential backoff and jitter and passes its per-topic positions
 (``since=<topic>:<last id seen of it>,...``), so nothing the deployment still retains is
 missed. It stops with :class:`ClientError` only when going on cannot help: the server refused
-the token or a topic (401/403), or the very first connection could not be made. The
-module-level :func:`publish` and :func:`subscribe` are one-call shortcuts.
+the token or a topic (401/403), or the very first connection could not be made. With
+``presence=True`` it also yields the ``join`` / ``leave`` frames of its topics, and
+:meth:`Client.presence` says who is there now. The module-level :func:`publish`,
+:func:`subscribe` and :func:`presence` are one-call shortcuts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -45,6 +48,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TOKEN_EXPIRED = 1008  # the server's close code for a token that expired during the session
 UNAVAILABLE = 503  # draining or full instance, broker down: worth another try
 Frame = dict[str, Any]
+PRESENCE_FRAMES = ("join", "leave")
 TokenSource = Callable[[], Awaitable[str]]
 Since = str | int | Mapping[str, str | int]
 """Where a subscription resumes: one id (for every topic) or per-topic positions ``{topic: id}``."""
@@ -61,6 +65,27 @@ class ClientError(Exception):
         super().__init__(message)
         self.status = status
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class PresentUser:
+    """One user present on a topic, with how many of its connections are subscribed to it."""
+
+    user: str
+    connections: int
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Who is subscribed to ``topic`` on any instance of the deployment (:meth:`Client.presence`).
+
+    ``users`` are sorted by user and hold at most 1000 of them; ``count`` is how many there are
+    in all (more than ``len(users)`` when the list was cut short).
+    """
+
+    topic: str
+    count: int
+    users: tuple[PresentUser, ...]
 
 
 # -- HTTP --------------------------------------------------------------------------------------
@@ -149,21 +174,38 @@ class Client:
         if response.status_code != 202:
             raise _refused(response)
 
+    async def presence(self, topic: str) -> Presence:
+        """The users subscribed to ``topic`` now, on every instance, with their connection counts
+        (needs the subscribe scope and the topic allowed; ``broadcast`` is refused with 422).
+        Live changes come as ``join`` / ``leave`` frames of ``subscribe(..., presence=True)``.
+        Raises :class:`ClientError`."""
+        response = await self._request("GET", f"/v1/topics/{quote(topic, safe=':')}/presence")
+        if response.status_code != 200:
+            raise _refused(response)
+        try:
+            answer = response.json()
+            users = tuple(PresentUser(str(u["user"]), int(u["connections"])) for u in answer["users"])
+            return Presence(str(answer["topic"]), int(answer["count"]), users)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ClientError(f"unexpected answer from {self.url}: {_reason(exc)}", 200) from None
+
     def subscribe(
         self,
         topics: Iterable[str] = (),
         *,
         since: Since | None = None,
+        presence: bool = False,
         min_delay: float = 0.5,
         max_delay: float = 30.0,
     ) -> Subscription:
         """Notifications of ``topics`` (plus ``broadcast`` and the token's own ``user:<sub>``).
 
         See :class:`Subscription`; ``since`` resumes after that id (every topic), or each topic
-        after its own position (``{topic: id}``, e.g. a saved :attr:`Subscription.positions`).
+        after its own position (``{topic: id}``, e.g. a saved :attr:`Subscription.positions`);
+        ``presence`` adds the ``join`` / ``leave`` frames of ``topics``.
         """
         return Subscription(
-            self.url, self.token, topics, since,
+            self.url, self.token, topics, since, presence=presence,
             get_token=self.get_token, min_delay=min_delay, max_delay=max_delay, open_timeout=self.timeout,
         )  # fmt: skip
 
@@ -196,10 +238,16 @@ async def publish(
 
 
 def subscribe(
-    url: str, token: str | None, topics: Iterable[str], since: Since | None = None
+    url: str, token: str | None, topics: Iterable[str], since: Since | None = None, *, presence: bool = False
 ) -> Subscription:
-    """Shortcut for ``Client(url, token).subscribe(topics, since=since)``."""
-    return Subscription(url, token, topics, since)
+    """Shortcut for ``Client(url, token).subscribe(topics, since=since, presence=presence)``."""
+    return Subscription(url, token, topics, since, presence=presence)
+
+
+async def presence(url: str, token: str | None, topic: str) -> Presence:
+    """Shortcut for ``Client(url, token).presence(topic)``."""
+    async with Client(url, token) as client:
+        return await client.presence(topic)
 
 
 # -- WebSocket ---------------------------------------------------------------------------------
@@ -208,7 +256,11 @@ def subscribe(
 class Subscription:
     """An async iterator of notification frames that survives disconnections.
 
-    Each frame is the server's ``{"type": "notification", "id", "topic", "data", "ts"}``.
+    Each frame is the server's ``{"type": "notification", "id", "topic", "data", "ts"}``; with
+    ``presence``, also its ``{"type": "join" | "leave", "topic", "user"}`` frames: a user's first
+    connection to one of ``topics`` anywhere in the deployment, its last one gone (never about
+    the token's own user). Every connection asks for them (``presence=1``); what changed while
+    disconnected is not replayed: after a reconnect, :meth:`Client.presence` tells the state.
     After a drop it reconnects (backoff from ``min_delay`` doubling to ``max_delay``, with
     jitter) with its per-topic :attr:`positions` as ``since=<topic>:<id>,...``, so the server
     replays what was missed of each topic, oldest first, before live notifications: no gap, no
@@ -232,6 +284,7 @@ class Subscription:
         topics: Iterable[str] = (),
         since: Since | None = None,
         *,
+        presence: bool = False,
         get_token: TokenSource | None = None,
         min_delay: float = 0.5,
         max_delay: float = 30.0,
@@ -240,6 +293,7 @@ class Subscription:
         self.url = url
         self.token = token
         self.requested = list(topics)
+        self.presence = presence
         self.get_token = get_token
         self.min_delay, self.max_delay, self.open_timeout = min_delay, max_delay, open_timeout
         self.positions: dict[str, str] = {}
@@ -290,7 +344,7 @@ class Subscription:
             if self.get_token is not None and _expires_within(self.token, 1.0):
                 await self._renew()
             since = self._resume()
-            url = ws_url(self.url, self.token, self.requested, since)
+            url = ws_url(self.url, self.token, self.requested, since, presence=self.presence)
             closed: tuple[int, str] | None = None
             why = ""
             try:
@@ -306,6 +360,8 @@ class Subscription:
                                     self.last_id = id_
                                 if _after(id_, self.positions.get(topic)):
                                     self.positions[topic] = id_
+                                yield frame
+                            elif kind in PRESENCE_FRAMES:
                                 yield frame
                             elif kind == "hello":
                                 self._hello(frame)
@@ -430,9 +486,12 @@ def http_url(url: str) -> str:
     return {"ws": "http", "wss": "https"}.get(scheme, scheme) + base[len(scheme) :]
 
 
-def ws_url(url: str, token: str | None, topics: Iterable[str], since: Since | None) -> str:
+def ws_url(
+    url: str, token: str | None, topics: Iterable[str], since: Since | None, *, presence: bool = False
+) -> str:
     """The WebSocket URL of a deployment at ``url`` (http(s):// or ws(s)://) with the query:
-    ``since`` one id, or per-topic positions sent as ``<topic>:<id>,<topic>:<id>``."""
+    ``since`` one id, or per-topic positions sent as ``<topic>:<id>,<topic>:<id>``; ``presence=1``
+    when asked."""
     base = "ws" + http_url(url)[len("http") :]
     query: dict[str, str] = {}
     if token:
@@ -445,6 +504,8 @@ def ws_url(url: str, token: str | None, topics: Iterable[str], since: Since | No
             query["since"] = ",".join(f"{topic}:{id_}" for topic, id_ in since.items())
     elif since is not None:
         query["since"] = str(since)
+    if presence:
+        query["presence"] = "1"
     return f"{base}/v1/ws?{urlencode(query)}"
 
 

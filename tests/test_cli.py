@@ -6,6 +6,7 @@ Every command runs in an empty temporary directory (no ``.env`` can leak in) wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -605,3 +606,75 @@ def test_subscribe_to_an_unreachable_server_fails_with_one_line(tmp_path: Path) 
     nobody = f"http://127.0.0.1:{free_port()}"
     result = notifier("subscribe", "news", "--url", nobody, "--token", mint_token("reader"), cwd=tmp_path)
     assert_one_line_error(result)
+
+
+# -- presence -----------------------------------------------------------------------------------
+
+
+def presence_of(url: str, topic: str) -> dict[str, Any]:
+    """The presence answer of ``topic``, straight over HTTP (where the command is not under test)."""
+    response = httpx.get(
+        f"{url}/v1/topics/{topic}/presence",
+        headers={"authorization": f"Bearer {mint_token('watcher', ('subscribe',))}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_presence_prints_the_json_answer_with_each_users_connections(
+    server: Instance, tmp_path: Path
+) -> None:
+    topic = f"cli:presence:{os.getpid()}.{time.monotonic_ns()}"
+    expected = {
+        "topic": topic,
+        "count": 2,
+        "users": [{"user": "bob", "connections": 2}, {"user": "carol", "connections": 1}],
+    }
+    with contextlib.ExitStack() as stack:
+        for user in ("bob", "bob", "carol"):
+            query = f"token={mint_token(user, ('subscribe',))}&topics={topic}"
+            ws = stack.enter_context(connect(f"{server.ws_url}?{query}", open_timeout=5))
+            assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "hello"
+        wait_until(lambda: presence_of(server.url, topic) == expected, DEADLINE, "bob and carol there")
+        token = mint_token("alice", ("subscribe",), topics=["cli:*"])
+        result = notifier("presence", topic, "--url", server.url, "--token", token, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert result.stdout.endswith("\n") and result.stdout.count("\n") == 1
+        assert json.loads(result.stdout) == expected
+    env = clean_env(NOTIFIER_URL=server.url, NOTIFIER_TOKEN=token)  # the environment's, as the others
+    wait_until(lambda: presence_of(server.url, topic)["count"] == 0, DEADLINE, "everyone to be gone")
+    result = notifier("presence", topic, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic": topic, "count": 0, "users": []}
+
+
+def test_presence_of_a_topic_not_allowed_fails_with_one_line_saying_403_and_no_token_hint(
+    server: Instance, tmp_path: Path
+) -> None:
+    limited = mint_token("reader", ("subscribe",), topics=["room:*"])
+    result = notifier("presence", "news", "--url", server.url, "--token", limited, cwd=tmp_path)
+    assert result.returncode == 1
+    line = assert_one_line_error(result)
+    assert line.startswith("notifier: error: 403 Forbidden: "), line
+    assert "NOTIFIER_TOKEN" not in line, line
+
+
+def test_presence_of_broadcast_fails_with_one_line_saying_422(server: Instance, tmp_path: Path) -> None:
+    token = mint_token("reader", ("subscribe",))
+    result = notifier("presence", "broadcast", "--url", server.url, "--token", token, cwd=tmp_path)
+    assert result.returncode == 1
+    assert assert_one_line_error(result).startswith("notifier: error: 422 Unprocessable"), result.stderr
+
+
+def test_presence_without_a_token_fails_with_one_line_saying_none_was_given(
+    server: Instance, tmp_path: Path
+) -> None:
+    result = notifier("presence", "news", "--url", server.url, cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line == (
+        "notifier: error: 401 Unauthorized: missing bearer token; "
+        "no token was given: set NOTIFIER_TOKEN or pass --token"
+    ), line

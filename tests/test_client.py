@@ -1,5 +1,6 @@
-"""The Python client (``notifier.client``) and the ``publish`` / ``subscribe`` commands against real
-instances: reconnection across a restart with ``since`` loses nothing, errors are clear.
+"""The Python client (``notifier.client``) and the ``publish`` / ``subscribe`` / ``presence`` commands
+against real instances: reconnection across a restart with ``since`` loses nothing, presence
+events reach the iterator, errors are clear.
 
 Every wait has a deadline; frames are read through a queue fed by a reader task.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -26,7 +28,16 @@ import pytest
 from conftest import SECRET, mint_token
 from support import ROOT, Instance, RedisServer, free_port, notification, wait_until
 
-from notifier.client import Client, ClientError, Subscription, publish, subscribe
+from notifier.client import (
+    Client,
+    ClientError,
+    Presence,
+    PresentUser,
+    Subscription,
+    presence,
+    publish,
+    subscribe,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -274,6 +285,108 @@ async def test_subscribe_resumes_after_its_instance_restarts_on_the_same_port_lo
         assert reader.frames.empty(), "no duplicate"
 
 
+# -- presence ---------------------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    """A topic or user name no other test (nor an earlier run on the same server) uses."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+async def presence_becomes(client: Client, topic: str, expected: Presence) -> None:
+    """Wait (with a deadline) until the presence of ``topic`` is ``expected``: the server sends
+    its counts to the broker a moment after a connection opens or closes."""
+    last: Presence | None = None
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while (last := await client.presence(topic)) != expected:
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"presence of {topic!r} is {last}, not {expected} after {DEADLINE}s") from None
+
+
+@asynccontextmanager
+async def connected(url: str, user: str, topic: str) -> AsyncIterator[Reader]:
+    """One connection of ``user`` subscribed to ``topic`` (no presence events), open inside."""
+    async with reading(subscribe(url, mint_token(user), [topic])) as reader:
+        await reader.connected()
+        yield reader
+
+
+async def test_presence_lists_the_users_of_a_topic_with_their_connection_counts(server: Instance) -> None:
+    topic, bob, carol = unique("py:presence:"), unique("bob"), unique("carol")
+    async with Client(server.url, mint_token("alice", ("subscribe",))) as client:
+        assert await client.presence(topic) == Presence(topic, 0, ())
+        async with connected(server.url, bob, topic), connected(server.url, bob, topic):
+            async with connected(server.url, carol, topic):
+                both = Presence(topic, 2, (PresentUser(bob, 2), PresentUser(carol, 1)))
+                await presence_becomes(client, topic, both)
+                assert await presence(server.url, client.token, topic) == both  # the shortcut
+            await presence_becomes(client, topic, Presence(topic, 1, (PresentUser(bob, 2),)))
+        await presence_becomes(client, topic, Presence(topic, 0, ()))
+
+
+async def test_presence_refused_raises_client_error_with_the_servers_reason(server: Instance) -> None:
+    limited = mint_token("alice", ("subscribe",), topics=["room:*"])
+    async with Client(server.url, limited) as client:
+        with pytest.raises(ClientError) as forbidden:
+            await client.presence("news")
+        assert forbidden.value.status == 403 and forbidden.value.detail
+        assert str(forbidden.value) == f"403 Forbidden: {forbidden.value.detail}"
+        with pytest.raises(ClientError) as broadcast:
+            await client.presence("broadcast")
+        assert broadcast.value.status == 422 and broadcast.value.detail
+        assert str(broadcast.value).startswith("422 Unprocessable")
+    async with Client(server.url, mint_token("alice", ("publish",))) as writer_only:
+        with pytest.raises(ClientError) as no_scope:
+            await writer_only.presence("news")
+        assert no_scope.value.status == 403 and "subscribe" in (no_scope.value.detail or "")
+
+
+async def test_subscribe_with_presence_yields_join_and_leave_of_other_users_never_its_own(
+    server: Instance,
+) -> None:
+    topic, alice, bob, dave = unique("py:joins:"), unique("alice"), unique("bob"), unique("dave")
+    backend = Client(server.url, mint_token("backend"))
+    async with backend as client, connected(server.url, dave, topic) as plain:
+        # dave was there before: the watcher gets no join of his (only changes after it subscribed).
+        await presence_becomes(client, topic, Presence(topic, 1, (PresentUser(dave, 1),)))
+        watcher = Subscription(server.url, mint_token(alice), [topic], presence=True)
+        async with reading(watcher) as events:
+            await events.connected()
+            # Its own connection made alice present: that join (and the one of a second
+            # connection of hers, which changes nothing) must not come. Events come in the order
+            # they happened, so bob's join being the first frame shows it.
+            async with connected(server.url, alice, topic):
+                async with connected(server.url, bob, topic):
+                    assert await events.next() == {"type": "join", "topic": topic, "user": bob}
+                    async with connected(server.url, bob, topic):  # a second tab: no event
+                        pass
+                assert await events.next() == {"type": "leave", "topic": topic, "user": bob}
+            # A subscriber without presence got none of it: the marker is its first frame.
+            marker = await client.publish(topic, "marker")
+            assert await plain.next() == notification(marker, "marker")
+            assert await events.next() == notification(marker, "marker")
+            assert events.frames.empty() and plain.frames.empty()
+
+
+async def test_subscribe_with_presence_asks_for_it_again_when_it_reconnects() -> None:
+    instance = Instance(instance_env())
+    topic, bob = unique("py:rejoin:"), unique("bob")
+    with running(instance):
+        watcher = Subscription(instance.url, mint_token("alice"), [topic], presence=True, min_delay=0.1)
+        async with reading(watcher) as events:
+            await events.connected()
+            await asyncio.to_thread(instance.stop)  # drains: 1001, then reconnect attempts
+            await asyncio.to_thread(instance.start)  # the same port
+            async with asyncio.timeout(DEADLINE):
+                while watcher.connections < 2 or not watcher.connected.is_set():
+                    await asyncio.sleep(0.02)
+            async with connected(instance.url, bob, topic):
+                assert await events.next() == {"type": "join", "topic": topic, "user": bob}
+            assert await events.next() == {"type": "leave", "topic": topic, "user": bob}
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -474,6 +587,10 @@ def test_cli_subscribe_piped_into_a_reader_that_leaves_exits_quietly(
         ["subscribe", "bad/topic"],
         ["subscribe", "news", "--url", "ftp://example"],
         ["publish", "news", "1", "--unknown"],
+        ["presence"],
+        ["presence", "bad topic"],
+        ["presence", "news", "other"],
+        ["presence", "news", "--url", "ftp://example"],
     ],
 )
 def test_cli_bad_arguments_fail_with_one_line(args: list[str], tmp_path: Path) -> None:
