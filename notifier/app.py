@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from notifier import __version__, api, api_presence, sse, ws
+from notifier import __version__, api, api_presence, api_sse, sse, ws
 from notifier.auth import TokenAuthority
 from notifier.broker import Broker, create_broker
 from notifier.jwks import KeySet
@@ -35,6 +35,9 @@ SWAGGER_ASSETS = "/static/swagger"  # Swagger UI, bundled: /docs needs no intern
 API_DESCRIPTION = """\
 A backend publishes a notification with `POST /v1/notifications`; every client subscribed to its
 topic receives it over the WebSocket `GET /v1/ws`, whichever instance it is connected to.
+
+Clients that cannot use WebSockets receive the same stream as Server-Sent Events from `GET /v1/sse`;
+`GET /v1/topics/{topic}/presence` tells who is on a topic.
 
 Requests carry a bearer token (JWT) in `Authorization: Bearer <token>`: use **Authorize** below to
 try them. The WebSocket protocol (frames, close codes, recovery with `since`), the configuration
@@ -113,6 +116,7 @@ def create_app(settings: Settings, broker: Broker | None = None, *, dev_secret: 
     app.state.services = services
     app.include_router(api.router)
     app.include_router(api_presence.router)
+    app.include_router(api_sse.router)
     app.add_api_route("/docs", swagger_ui, include_in_schema=False, response_class=HTMLResponse)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -371,6 +371,25 @@ def test_docs_serve_the_openapi_ui_describing_publish(client: TestClient) -> Non
     assert "swagger" in docs.text.lower()
     schema = client.get("/openapi.json").json()
     assert "post" in schema["paths"]["/v1/notifications"]
+    # The routes NotifierApp serves itself are described too; presence is a route of its own.
+    sse = schema["paths"]["/v1/sse"]["get"]
+    assert [p["name"] for p in sse["parameters"]] == ["topics", "since", "token", "presence", "Last-Event-ID"]
+    assert sorted(sse["responses"]) == ["200", "403", "429", "503"]
+    assert "text/event-stream" in sse["responses"]["200"]["content"]
+    presence = schema["paths"]["/v1/topics/{topic}/presence"]["get"]
+    assert sorted(presence["responses"]) == ["200", "401", "403", "422", "503"]
+
+
+def test_the_declared_sse_route_refuses_as_the_direct_one(mint: Mint) -> None:
+    """Reached through FastAPI's router (the app mounted in another, say), /v1/sse is the same
+    endpoint: the same refusals with their JSON detail."""
+    routed_app = ThroughFastAPI(create_app(make_settings()))
+    with TestClient(create_app(make_settings())) as direct, TestClient(routed_app) as routed:
+        for query in ("topics=news&token=bad", f"topics=user:bob&token={mint(sub='alice')}",
+                      f"topics=news&presence=yes&token={mint()}"):  # fmt: skip
+            a, b = direct.get(f"/v1/sse?{query}"), routed.get(f"/v1/sse?{query}")
+            assert (a.status_code, a.json()) == (b.status_code, b.json())
+            assert a.status_code == 403
 
 
 class ThroughFastAPI:

@@ -157,7 +157,8 @@ def test_every_close_code_and_error_code_is_in_the_websocket_page() -> None:
 def test_every_frame_type_and_route_is_documented() -> None:
     websocket = WEBSOCKET.read_text()
     for kind in ("hello", "notification", "subscribed", "unsubscribed", "published", "pong", "refreshed",
-                 "error", "subscribe", "unsubscribe", "publish", "ping", "refresh"):  # fmt: skip
+                 "error", "subscribe", "unsubscribe", "publish", "ping", "refresh",
+                 "join", "leave"):  # fmt: skip
         assert f'"type": "{kind}"' in websocket, kind
     api = API.read_text()
     for route in create_app(make_settings()).routes:
