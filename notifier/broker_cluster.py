@@ -53,8 +53,6 @@ from notifier.broker import (
     OnResync,
     OnState,
     PartlyPublished,
-    PresenceChange,
-    PresenceState,
     Rejections,
     topic_idempotency_key,
 )
@@ -79,7 +77,7 @@ from notifier.redis_cluster import (
 )
 from notifier.redis_cluster_links import ShardLinks
 from notifier.redis_history import SESSION_LUA, HistoryReader, parse_rejections
-from notifier.redis_presence import RedisPresence
+from notifier.redis_presence import PresenceOfRedis, RedisPresence
 from notifier.redis_topology import no_retry
 
 # redis-py 8.1's async cluster client can raise AttributeError ("'NoneType' object has no
@@ -93,7 +91,7 @@ _CLUSTER_ERRORS = (*_REDIS_ERRORS, AttributeError, RuntimeError)
 MANY_CONCURRENCY = 32  # script calls in flight for one publish to many topics
 
 
-class ClusterBroker(ShardLinks):
+class ClusterBroker(ShardLinks, PresenceOfRedis):
     """Broker over a Redis Cluster: see the module's docstring."""
 
     def __init__(self, url: str, history_size: int = 1000, history_ttl: int = 86400) -> None:
@@ -275,14 +273,3 @@ class ClusterBroker(ShardLinks):
         async with unavailable_on_error(_CLUSTER_ERRORS), self._gate:
             yield
 
-    async def presence_update(self, changes: list[PresenceChange]) -> bool:
-        return await self._presence.update(changes)
-
-    async def presence_beat(self, topics: list[str]) -> bool:
-        return await self._presence.beat(topics)
-
-    async def presence_goodbye(self) -> None:
-        await self._presence.goodbye()
-
-    async def presence(self, topic: str, limit: int) -> PresenceState:
-        return await self._presence.query(topic, limit)

@@ -32,8 +32,6 @@ from notifier.broker import (
     OnResync,
     OnState,
     PartlyPublished,
-    PresenceChange,
-    PresenceState,
     Rejections,
     topic_idempotency_key,
 )
@@ -59,7 +57,7 @@ from notifier.redis_history import (
     HistoryReader,
     parse_rejections,
 )
-from notifier.redis_presence import RedisPresence
+from notifier.redis_presence import PresenceOfRedis, RedisPresence
 from notifier.redis_topology import connect
 
 log = logging.getLogger("notifier.broker")
@@ -135,7 +133,7 @@ async def unavailable_on_error(
         raise BrokerUnavailable(f"redis: {_why(exc)}") from None
 
 
-class RedisBroker:
+class RedisBroker(PresenceOfRedis):
     """Broker over one Redis server (``redis://``, ``rediss://``) or the current master of a
     Sentinel set (``redis+sentinel://``): see :mod:`notifier.redis_topology`."""
 
@@ -231,18 +229,6 @@ class RedisBroker:
         if self._clock_offset is None:
             raise BrokerUnavailable(f"{self._name} not connected yet: {self._last_error}")
         return str(int((time.time() + self._clock_offset + PUBLISH_TIMEOUT - DEADLINE_MARGIN) * 1000))
-
-    async def presence_update(self, changes: list[PresenceChange]) -> bool:
-        return await self._presence.update(changes)
-
-    async def presence_beat(self, topics: list[str]) -> bool:
-        return await self._presence.beat(topics)
-
-    async def presence_goodbye(self) -> None:
-        await self._presence.goodbye()
-
-    async def presence(self, topic: str, limit: int) -> PresenceState:
-        return await self._presence.query(topic, limit)
 
     async def _publish_batch(self, batch: list[Pending]) -> list[Accepted]:
         """One PUBLISH_BATCH_LUA call for the publishes of one loop iteration (notifier.redis_batch)."""

@@ -201,3 +201,22 @@ class RedisPresence:
             count, users, counts = await self._query(keys=keys, args=[limit])
         listed = [(u.decode(), int(c or 0)) for u, c in zip(users, counts, strict=True)]
         return PresenceState(int(count), listed)
+
+
+class PresenceOfRedis:
+    """The broker's presence methods (``notifier.broker.Broker``), for the Redis brokers: each is
+    its :class:`RedisPresence`'s."""
+
+    _presence: RedisPresence
+
+    async def presence_update(self, changes: list[PresenceChange]) -> bool:
+        return await self._presence.update(changes)
+
+    async def presence_beat(self, topics: list[str]) -> bool:
+        return await self._presence.beat(topics)
+
+    async def presence_goodbye(self) -> None:
+        await self._presence.goodbye()
+
+    async def presence(self, topic: str, limit: int) -> PresenceState:
+        return await self._presence.query(topic, limit)

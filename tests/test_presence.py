@@ -73,6 +73,13 @@ async def listed(http: httpx.AsyncClient, instance: Instance, topic: str) -> dic
     return {entry["user"]: entry["connections"] for entry in body["users"]}
 
 
+async def opened(stack: AsyncExitStack, address: str) -> ClientConnection:
+    """A socket open until ``stack`` closes, its ``hello`` read."""
+    ws = await stack.enter_async_context(ws_connect(address))
+    await hello(ws)
+    return ws
+
+
 async def send(ws: ClientConnection, **frame: Any) -> None:
     await ws.send(json.dumps(frame))
 
@@ -90,7 +97,7 @@ async def test_the_listing_counts_connections_per_user_and_refuses_what_it_must(
     room = fresh("room")
     async with AsyncExitStack() as stack:
         for sub in ("bob", "alice", "alice"):
-            await hello(await stack.enter_async_context(ws_connect(url(instance, sub, [room]))))
+            await opened(stack, url(instance, sub, [room]))
         await eventually(
             lambda: _listed_is(http, instance, room, {"alice": 2, "bob": 1}), "alice x2 and bob listed", 2
         )
@@ -128,21 +135,16 @@ async def _listed_is(
 async def test_join_and_leave_come_once_per_user_never_about_oneself(instance: Instance) -> None:
     room = fresh("room")
     async with AsyncExitStack() as stack:
-        carol = await stack.enter_async_context(ws_connect(url(instance, "carol", [room], presence=True)))
-        await hello(carol)
+        carol = await opened(stack, url(instance, "carol", [room], presence=True))
         # carol's own second socket: no event for carol (never about her own user).
-        carol2 = await stack.enter_async_context(ws_connect(url(instance, "carol", [room])))
-        await hello(carol2)
-        alice1 = await stack.enter_async_context(ws_connect(url(instance, "alice", [room])))
-        await hello(alice1)
+        carol2 = await opened(stack, url(instance, "carol", [room]))
+        alice1 = await opened(stack, url(instance, "alice", [room]))
         assert await event(carol) == {"type": "join", "topic": room, "user": "alice"}
         # alice's second tab: no event; her first tab closing: none either (one still open).
-        alice2 = await stack.enter_async_context(ws_connect(url(instance, "alice", [room])))
-        await hello(alice2)
+        alice2 = await opened(stack, url(instance, "alice", [room]))
         await alice1.close()
         # dave joins: the next event carol gets is his, so nothing came for alice's tabs.
-        dave = await stack.enter_async_context(ws_connect(url(instance, "dave", [room])))
-        await hello(dave)
+        dave = await opened(stack, url(instance, "dave", [room]))
         assert await event(carol) == {"type": "join", "topic": room, "user": "dave"}
         await alice2.close()
         assert await event(carol) == {"type": "leave", "topic": room, "user": "alice"}
@@ -152,10 +154,8 @@ async def test_join_and_leave_come_once_per_user_never_about_oneself(instance: I
         assert await event(carol) == {"type": "leave", "topic": room, "user": "dave"}
         await carol2.close()
         # A watcher that did not ask for presence hears nothing: its next frame is a notification.
-        quiet = await stack.enter_async_context(ws_connect(url(instance, "erin", [room])))
-        await hello(quiet)
-        frank = await stack.enter_async_context(ws_connect(url(instance, "frank", [room])))
-        await hello(frank)
+        quiet = await opened(stack, url(instance, "erin", [room]))
+        frank = await opened(stack, url(instance, "frank", [room]))
         assert await event(carol) == {"type": "join", "topic": room, "user": "erin"}
         assert await event(carol) == {"type": "join", "topic": room, "user": "frank"}
         await send(frank, type="publish", topic=room, data=1)
@@ -165,16 +165,14 @@ async def test_join_and_leave_come_once_per_user_never_about_oneself(instance: I
 async def test_a_subscribe_frame_asks_for_presence_and_a_bad_value_is_refused(instance: Instance) -> None:
     room = fresh("room")
     async with AsyncExitStack() as stack:
-        watcher = await stack.enter_async_context(ws_connect(url(instance, "watcher", [])))
-        await hello(watcher)
+        watcher = await opened(stack, url(instance, "watcher", []))
         await send(watcher, type="subscribe", topics=[room], presence="yes", ref=1)
         assert await next_frame(watcher) == {
             "type": "error", "code": "bad_request", "message": "'presence' must be true or false", "ref": 1
         }
         await send(watcher, type="subscribe", topics=[room], presence=True, ref=2)
         assert await next_frame(watcher) == {"type": "subscribed", "topics": [room], "ref": 2}
-        bob = await stack.enter_async_context(ws_connect(url(instance, "bob", [room])))
-        await hello(bob)
+        await opened(stack, url(instance, "bob", [room]))
         assert await event(watcher) == {"type": "join", "topic": room, "user": "bob"}
     # A malformed presence value refuses the handshake, as a malformed since does.
     async with httpx.AsyncClient(trust_env=False) as http:
@@ -209,22 +207,18 @@ async def test_two_instances_see_each_other_and_a_killed_one_leaves_within_60_s(
     a, b = Instance(redis_env(redis)), Instance(redis_env(redis))
     room = fresh("room")
     async with running(a, b), AsyncExitStack() as stack:
-        watcher = await stack.enter_async_context(ws_connect(url(b, "watcher", [room], presence=True)))
-        await hello(watcher)
-        alice = await stack.enter_async_context(ws_connect(url(a, "alice", [room])))
-        await hello(alice)
+        watcher = await opened(stack, url(b, "watcher", [room], presence=True))
+        await opened(stack, url(a, "alice", [room]))
         assert await event(watcher) == {"type": "join", "topic": room, "user": "alice"}
         # The same user on both instances is one user with two connections, joined once.
-        alice_b = await stack.enter_async_context(ws_connect(url(b, "alice", [room])))
-        await hello(alice_b)
+        alice_b = await opened(stack, url(b, "alice", [room]))
         took = await eventually(
             lambda: _listed_is(http, b, room, {"alice": 2, "watcher": 1}), "alice x2 listed on b", 2
         )
         assert took < 2
         assert await listed(http, a, room) == {"alice": 2, "watcher": 1}
         await alice_b.close()
-        bob = await stack.enter_async_context(ws_connect(url(a, "bob", [room])))
-        await hello(bob)
+        await opened(stack, url(a, "bob", [room]))
         assert await event(watcher) == {"type": "join", "topic": room, "user": "bob"}  # none for alice
 
         # a dies without a goodbye: its users leave within 60 s, events included, and nothing of
@@ -251,10 +245,9 @@ async def test_a_graceful_stop_leaves_at_once_and_redis_keeps_nothing(
     a, b = Instance(redis_env(redis)), Instance(redis_env(redis))
     room = fresh("room")
     async with running(a, b), AsyncExitStack() as stack:
-        watcher = await stack.enter_async_context(ws_connect(url(b, "watcher", [room], presence=True)))
-        await hello(watcher)
+        watcher = await opened(stack, url(b, "watcher", [room], presence=True))
         for sub in ("u1", "u2", "u3"):
-            await hello(await stack.enter_async_context(ws_connect(url(a, sub, [room]))))
+            await opened(stack, url(a, sub, [room]))
         assert {(await event(watcher))["user"] for _ in range(3)} == {"u1", "u2", "u3"}
         await asyncio.to_thread(a.stop)  # SIGTERM: drain, then goodbye
         assert {(await event(watcher))["user"] for _ in range(3)} == {"u1", "u2", "u3"}
