@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -147,13 +148,19 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(describe(exc)) from None
 
 
+SECRET_FIELDS = ("jwt_secret", "token")  # never echoed in an error line
+_CREDENTIALS = re.compile(r"(//)[^/@]*@")
+
+
 def describe(exc: ValidationError) -> str:
     """One line naming the variable of the first error and saying what is wrong with it."""
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "?"
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
-    shown = "" if given is None or field == "jwt_secret" else f" (got {given!r})"
+    if isinstance(given, str) and "@" in given:
+        given = _CREDENTIALS.sub(r"\1***@", given)  # a URL's user and password are never shown
+    shown = "" if given is None or field in SECRET_FIELDS else f" (got {given!r})"
     return f"{ENV_PREFIX}{field.upper()}: {message}{shown}"
 
 

@@ -106,6 +106,18 @@ def test_a_secret_under_32_bytes_is_refused_without_showing_it(
     assert secret not in message and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2-secret@127.0.0.1:6379/x", "redis+sentinel://user:hunter2-secret@h:1,h:2"]
+)
+def test_a_bad_broker_url_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("NOTIFIER_BROKER_URL", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("NOTIFIER_BROKER_URL:") and "***@" in message, message
+    assert "hunter2" not in message and "\n" not in message
+
+
 def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9999")
     monkeypatch.setenv("BROKER_URL", "redis://elsewhere:6379/0")
