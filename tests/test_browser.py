@@ -557,7 +557,11 @@ def test_js_client_over_sse_subscribes_by_reopening_the_stream_and_publishes_ove
             client.on("notification", (n) => seen.push(n.topic));
             const subscribed = await outcome(client.subscribe(["js:sse"]));
             const session = client.session;
+            // The next subscribe reopens the stream: wait for this one first (a topic that has
+            // received nothing has no position to resume from, see docs/clients.md).
+            const arrived = nextEvent(client, "notification", (n) => n.topic === "js:sse");
             const published = await outcome(client.publish("js:sse", { n: 1 }));
+            await arrived;
             const forbidden = await outcome(client.subscribe(["user:somebody-else"]));
             const bad = await outcome(client.subscribe(["not a topic"]));
             const refusedPublish = await outcome(client.publish("not a topic", 1));
