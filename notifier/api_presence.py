@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.api import _BEARER, _UNAUTHORIZED, TOPIC_PATTERN, _error, _services, authenticate
+from notifier.api import authenticate, services_of
+from notifier.api_schema import BEARER, TOPIC_PATTERN, UNAUTHORIZED, error_answer
 from notifier.errors import BrokerUnavailable, Forbidden
 from notifier.presence import MAX_LISTED
 from notifier.protocol import BROADCAST, valid_topic
@@ -44,16 +45,16 @@ class PresenceAnswer(BaseModel):
     "/v1/topics/{topic}/presence",
     response_model=PresenceAnswer,
     response_description="Who is on the topic now.",
-    dependencies=[_BEARER],
+    dependencies=[BEARER],
     responses={
-        401: _UNAUTHORIZED,
-        403: _error(
+        401: UNAUTHORIZED,
+        403: error_answer(
             "The token lacks the `subscribe` scope or may not subscribe to the topic.",
             "not allowed to subscribe to 'room:2'",
         ),
-        422: _error("A bad topic name, or `broadcast` (every connection holds it).",
+        422: error_answer("A bad topic name, or `broadcast` (every connection holds it).",
                     "broadcast has no presence: every connection holds it"),
-        503: _error("The broker is unavailable.", "broker unavailable: redis connection lost"),
+        503: error_answer("The broker is unavailable.", "broker unavailable: redis connection lost"),
     },
     summary="Who is on a topic",
     description="The users holding at least one connection (WebSocket or event stream) subscribed "
@@ -68,7 +69,7 @@ async def topic_presence(
         str, Path(description="The topic's name.", json_schema_extra={"pattern": TOPIC_PATTERN})
     ],
 ) -> JSONResponse:
-    services = _services(request)
+    services = services_of(request)
     principal = await authenticate(services, request.headers.get("authorization"))
     if not valid_topic(topic):
         raise HTTPException(422, "invalid topic name: must match ^[A-Za-z0-9_.:-]{1,128}$")

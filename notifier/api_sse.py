@@ -10,7 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
 
-from notifier.api import _error, _services
+from notifier.api import services_of
+from notifier.api_schema import error_answer
 from notifier.services import Services
 from notifier.sse import SSE_PATH, sse_endpoint
 
@@ -87,12 +88,12 @@ class _EventStream(Response):
             "comment every 15 s.",
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _EXAMPLE}},
         },
-        403: _error("A bad token, scope, topic, `since` or `Last-Event-ID`.", "token expired"),
-        429: _error(
+        403: error_answer("A bad token, scope, topic, `since` or `Last-Event-ID`.", "token expired"),
+        429: error_answer(
             "The user already holds `NOTIFIER_MAX_CONNECTIONS_PER_USER` connections here.",
             "this user already holds 100 connections on this instance",
         ),
-        503: _error("The instance is full, draining, busy, or its broker is unavailable.",
+        503: error_answer("The instance is full, draining, busy, or its broker is unavailable.",
                     "instance is draining"),
     },
     summary="Receive notifications as Server-Sent Events",
@@ -102,4 +103,4 @@ class _EventStream(Response):
     "frame as `data`. A stream is read-only; where a WebSocket would be closed, the response ends.",
 )
 async def event_stream(request: Request) -> Response:
-    return _EventStream(_services(request))
+    return _EventStream(services_of(request))

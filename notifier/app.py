@@ -14,7 +14,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from notifier import __version__, api, api_presence, api_sse, sse, ws
+from notifier import __version__, api, api_presence, api_publish, api_sse, sse, ws
+from notifier.api_publish import PUBLISH_PATH
 from notifier.auth import TokenAuthority
 from notifier.broker import Broker, create_broker
 from notifier.jwks import KeySet
@@ -61,8 +62,8 @@ class NotifierApp(FastAPI):
             scope["app"] = self
             await ws.websocket_endpoint(WebSocket(scope, receive, send))
             return
-        if scope["type"] == "http" and scope["path"] == api.PUBLISH_PATH and scope["method"] == "POST":
-            await api.publish_endpoint(self.state.services, scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == PUBLISH_PATH and scope["method"] == "POST":
+            await api_publish.publish_endpoint(self.state.services, scope, receive, send)
             return
         if scope["type"] == "http" and scope["path"] == sse.SSE_PATH and scope["method"] == "GET":
             await sse.sse_endpoint(self.state.services, scope, receive, send)
@@ -114,6 +115,7 @@ def create_app(settings: Settings, broker: Broker | None = None, *, dev_secret: 
         lifespan=lifespan,
     )
     app.state.services = services
+    app.include_router(api_publish.router)
     app.include_router(api.router)
     app.include_router(api_presence.router)
     app.include_router(api_sse.router)

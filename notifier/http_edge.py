@@ -15,7 +15,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from notifier.api import PUBLISH_PATH, RESPOND_EXTENSION
+from notifier.api_publish import PUBLISH_PATH, RESPOND_EXTENSION
 from notifier.sse import SSE_PATH
 from notifier.uvicorn_internals import require as _require
 from notifier.ws import ABORT_EXTENSION
@@ -321,7 +321,7 @@ def respond_whole(
 ) -> bool:
     """A whole answer in one write, as uvicorn's ``send`` writes it in two (status line and
     headers, then the body) after checking each header: the ``notifier.respond`` extension of
-    ``POST /v1/notifications`` (see ``api.publish_endpoint``), whose few headers are its own.
+    ``POST /v1/notifications`` (see ``api_publish.publish_endpoint``), whose few headers are its own.
     False when it cannot (the client's writes are paused, or it left): ``send`` then does.
     uvicorn internals, checked at import: the cycle's state as its ``send`` keeps it."""
     if cycle.response_started or cycle.disconnected or cycle.flow.write_paused:
