@@ -18,12 +18,21 @@
 //   handshake  cfg.concurrency connectors, each in a loop: open a WebSocket as a distinct user
 //           (tokens pre-minted), wait for the first frame (hello), close; connect->hello latency.
 //           With receiver "c" the loop runs in wsrecv (command "hs"), else here on raw sockets.
+//           cfg.handshakeTopic: each also asks for that shared topic (`topics=`), cfg.presence
+//           with `presence=1` (join and leave events of the topic's other users);
+//   presence  cfg.subscribers listeners on TOPIC with `presence=1` (users bench<i>) held open;
+//           cfg.concurrency churners (users churn<k>, distinct from theirs) each in a loop: open a
+//           WebSocket on TOPIC, hold it cfg.holdMs, close; counts the join and leave frames the
+//           listeners receive (events/s, per server CPU-second) and the listeners' lag behind them.
 // Receivers (cfg.receiver):
 //   c    benchmarks/.build/wsrecv (wsrecv.c): the subscribers live in a C epoll loop, a child
 //        of this process on the same core; this process publishes, paces and measures;
 //   raw  a minimal RFC 6455 client in this process (net sockets with `onread`, frames parsed in
 //        place);
-//   ws   the `ws` package (the only one that negotiates permessage-deflate: cfg.deflate).
+//   ws   the `ws` package (the only one that negotiates permessage-deflate: cfg.deflate);
+//   sse  the same subscribers over GET /v1/sse (Server-Sent Events) on a raw HTTP/1.1 socket:
+//        chunked transfer decoded, events split on blank lines, each `notification` event's data
+//        (the WebSocket frame's JSON) counted as a frame (fanout, steady).
 // It reads the CPU time (utime+stime, /proc/<pid>/stat) and run-queue wait (/proc/<pid>/schedstat)
 // of the server processes and of itself (plus wsrecv) at the start and end of the measurement
 // window, and the servers' RSS (/proc/<pid>/status VmRSS); prints one JSON object on stdout.
@@ -100,7 +109,9 @@ const userTopic = (i) => `user:bench${i}`;
 function subscriberUrl(i) {
   const url = new URL(cfg.wsUrl);
   if (!cfg.userTopics) url.searchParams.set('topics', TOPIC);
+  else if (cfg.handshakeTopic) url.searchParams.set('topics', cfg.handshakeTopic);
   else if (!cfg.secret) url.searchParams.set('topics', userTopic(i));
+  if (cfg.presence) url.searchParams.set('presence', '1');
   if (cfg.secret) url.searchParams.set('token', jwt({ sub: `bench${i}`, scope: 'subscribe' }));
   return url;
 }
@@ -114,6 +125,12 @@ const stats = {
   reads: 0, misrouted: 0,
 };
 const USER_TOPIC = Buffer.from('"topic":"user:bench');
+const PRESENCE_JOIN = Buffer.from('{"type":"join"');
+const PRESENCE_LEAVE = Buffer.from('{"type":"leave"');
+const presenceStats = { joins: 0, leaves: 0 };
+const CHURN_USER = Buffer.from('"user":"churn');
+const churnHelloAt = new Map(); // churner k -> wall-clock ms of its latest hello
+let presenceMeasuring = false;
 let closedEarly = 0;
 
 function quantile(q) {
@@ -215,7 +232,21 @@ class JsReceiver {
   message(sub, buf) {
     const recvAt = nowMs();
     const f = fields(buf);
-    if (f === null) return;
+    if (f === null) {
+      if (buf.indexOf(PRESENCE_JOIN) === 0) {
+        presenceStats.joins++;
+        // Lag: from the joining client's hello to this listener's join frame.
+        const u = buf.indexOf(CHURN_USER);
+        const at = u < 0 ? 0 : churnHelloAt.get(readInt(buf, u + CHURN_USER.length));
+        if (at && presenceMeasuring) {
+          const lat = Math.max(0, recvAt - at);
+          stats.hist[Math.min(HIST_BINS - 1, Math.floor(lat / HIST_STEP_MS))]++;
+          if (lat > stats.latMax) stats.latMax = lat;
+          stats.latCount++;
+        }
+      } else if (buf.indexOf(PRESENCE_LEAVE) === 0) presenceStats.leaves++;
+      return;
+    }
     const [id, seq, ts] = f;
     if (seq < 1 || seq > maxSeq) return;
     if (cfg.userTopics) {
@@ -274,7 +305,7 @@ class JsReceiver {
         error: (why) => done(false, why),
       };
       const timer = setTimeout(() => { sub.terminate(); done(false, 'no first frame within 15 s'); }, 15000);
-      (this.kind === 'ws' ? openWs : openRaw)(subscriberUrl(i), sub, events, this);
+      ({ ws: openWs, sse: openSse }[this.kind] || openRaw)(subscriberUrl(i), sub, events, this);
     });
   }
 
@@ -418,6 +449,112 @@ function openRaw(url, sub, events, owner) {
   });
   sock.on('error', (err) => { if (!upgraded && !closed) { closed = true; events.error(err.message); } });
   sub.close = () => { sendFrame(sock, 0x8, Buffer.from([0x03, 0xe8])); sock.end(); };
+  sub.terminate = () => sock.destroy();
+}
+
+// Receiver "sse": GET /v1/sse?topics=..&token=.. on a raw HTTP/1.1 socket (as openRaw: one shared
+// read buffer, `onread`). The body is chunked (uvicorn streams without a length) or not; events
+// end with a blank line; a comment (`: ping`) is skipped; the first event (`hello`) is the first
+// frame, every other event's `data:` line (the last of an event) is a message, as a WebSocket
+// frame's payload would be. A close is the end of the response (no code: 1006).
+const LF2 = Buffer.from('\n\n');
+const CRLF = Buffer.from('\r\n');
+const SSE_DATA = Buffer.from('\ndata: ');
+
+function openSse(url, sub, events) {
+  const u = new URL(url);
+  u.protocol = 'http:';
+  u.pathname = u.pathname.replace(/\/ws$/, '/sse');
+  let closed = false;
+  let head = true; // before the end of the response head
+  let chunked = false;
+  let left = -1; // chunked: bytes left in this chunk; -1 a size line is next, -2 the CRLF after a chunk
+  let pending = null; // undecoded bytes: an incomplete head or chunk framing (copied)
+  let text = null; // decoded body bytes not yet a whole event (copied)
+  const finish = (code) => { if (!closed) { closed = true; events.close(code); } };
+  const fail = (why) => { closed = true; sock.destroy(); events.error(why); };
+
+  const event = (ev) => {
+    if (ev.length === 0 || ev[0] === 58) return; // a comment (": ping")
+    const d = ev.indexOf(SSE_DATA);
+    if (d >= 0) events.message(ev.subarray(d + SSE_DATA.length), false);
+    else if (ev.indexOf('data: ') === 0) events.message(ev.subarray(6), false);
+  };
+  const body = (piece) => {
+    const buf = text === null ? piece : Buffer.concat([text, piece]);
+    text = null;
+    let pos = 0;
+    for (;;) {
+      const end = buf.indexOf(LF2, pos);
+      if (end < 0) break;
+      event(buf.subarray(pos, end));
+      if (closed) return;
+      pos = end + 2;
+    }
+    if (pos < buf.length) text = Buffer.from(buf.subarray(pos));
+  };
+  // Chunked framing in buf: returns where an incomplete size line starts.
+  const chunks = (buf) => {
+    let pos = 0;
+    while (pos < buf.length && !closed) {
+      if (left > 0) {
+        const n = Math.min(left, buf.length - pos);
+        body(buf.subarray(pos, pos + n));
+        pos += n;
+        left -= n;
+        if (left === 0) left = -2;
+      } else if (left === -2) {
+        if (buf.length - pos < 2) break;
+        pos += 2;
+        left = -1;
+      } else {
+        const eol = buf.indexOf(CRLF, pos);
+        if (eol < 0) break;
+        const size = parseInt(buf.toString('latin1', pos, eol), 16);
+        pos = eol + 2;
+        if (!(size > 0)) { sock.end(); finish(1000); return buf.length; } // the last chunk
+        left = size;
+      }
+    }
+    return pos;
+  };
+  const feed = (data) => {
+    if (!chunked) { body(data); return; }
+    const tail = chunks(data);
+    if (tail < data.length && !closed) pending = Buffer.from(data.subarray(tail));
+  };
+  const response = (buf) => {
+    const end = buf.indexOf(CRLF2);
+    if (end < 0) { pending = Buffer.from(buf); return; }
+    const status = Number(buf.toString('latin1', 9, 12));
+    if (status !== 200) { fail(`event stream answered HTTP ${status}`); return; }
+    chunked = /\r\ntransfer-encoding:\s*chunked/i.test(buf.toString('latin1', 0, end));
+    head = false;
+    feed(buf.subarray(end + 4));
+  };
+
+  const sock = net.connect({
+    host: u.hostname, port: Number(u.port), noDelay: true,
+    onread: {
+      buffer: READ_BUFFER,
+      callback(nread, buf) {
+        stats.reads++;
+        if (closed) return;
+        let data = buf.subarray(0, nread);
+        if (pending !== null) { data = Buffer.concat([pending, data]); pending = null; }
+        if (head) response(data); else feed(data);
+      },
+    },
+  });
+  sock.on('connect', () => {
+    sock.write(`GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\nAccept: text/event-stream\r\n\r\n`);
+  });
+  sock.on('close', () => {
+    if (!head) finish(1006);
+    else if (!closed) { closed = true; events.error('connection closed before the response'); }
+  });
+  sock.on('error', (err) => { if (head && !closed) { closed = true; events.error(err.message); } });
+  sub.close = () => sock.end();
   sub.terminate = () => sock.destroy();
 }
 
@@ -857,6 +994,84 @@ async function runHandshake(result) {
   return m;
 }
 
+// presence: cfg.subscribers listeners (presence=1) on TOPIC, held by the JS receiver; churners
+// open and close WebSockets on TOPIC as users churn<k> (k cycles over cfg.tokens users, so one
+// user comes back only after the others had their turn). Each join and leave the broker sees is
+// one frame to every listener: events delivered = join + leave frames received by listeners.
+async function runPresence(result) {
+  const url = new URL(cfg.wsUrl);
+  const conc = Math.max(1, cfg.concurrency || 8);
+  const pool = Math.max(conc * 4, cfg.tokens || 1000);
+  const holdMs = cfg.holdMs ?? 200;
+  const heads = [];
+  for (let k = 0; k < pool; k++) {
+    const q = new URLSearchParams({ topics: TOPIC, token: jwt({ sub: `churn${k}`, scope: 'subscribe' }) });
+    heads.push(`GET ${url.pathname}?${q} HTTP/1.1\r\nHost: ${url.host}\r\nConnection: Upgrade\r\n`
+      + 'Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n');
+  }
+  const CLOSE = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
+  const failures = {};
+  let started = 0;
+  let cycles = 0;
+  const maxCycles = maxSeq;
+  const one = (n) => new Promise((resolve) => {
+    const k = n % pool;
+    let buf = null;
+    let hello = false;
+    let over = false;
+    let hold = null;
+    const sock = net.connect({ host: url.hostname, port: Number(url.port), noDelay: true });
+    const finish = (kind) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      clearTimeout(hold);
+      if (kind) failures[kind] = (failures[kind] || 0) + 1; else cycles++;
+      sock.destroy();
+      resolve();
+    };
+    const timer = setTimeout(() => finish(hello ? 'close_timeout' : 'timeout'), 10000 + holdMs);
+    sock.on('connect', () => sock.write(heads[k]));
+    sock.on('data', (chunk) => {
+      if (hello) return;
+      buf = buf === null ? chunk : Buffer.concat([buf, chunk]);
+      const end = buf.indexOf(CRLF2);
+      if (end < 0) return;
+      if (Number(buf.toString('latin1', 9, 12)) !== 101) { finish(`http_${buf.toString('latin1', 9, 12)}`); return; }
+      if (buf.length < end + 6) return;
+      hello = true;
+      churnHelloAt.set(k, nowMs());
+      hold = setTimeout(() => sock.write(CLOSE), holdMs);
+    });
+    sock.on('end', () => finish(hello ? null : 'closed_before_hello'));
+    sock.on('close', () => finish(hello ? null : 'closed_before_hello'));
+    sock.on('error', (err) => finish(hello ? null : (err.code || 'socket_error')));
+  });
+  let stop = false;
+  const worker = async () => { while (!stop && started < maxCycles) await one(started++); };
+  const t0 = performance.now();
+  const workers = Promise.all(Array.from({ length: conc }, worker));
+  while (performance.now() < t0 + cfg.warmup * 1000 && started < maxCycles) await sleep(10);
+  const before = presenceStats.joins + presenceStats.leaves;
+  const cyclesBefore = cycles;
+  presenceMeasuring = true;
+  await startMeasure();
+  const endAt = performance.now() + cfg.duration * 1000;
+  while (performance.now() < endAt && started < maxCycles) await sleep(20);
+  const m = await endMeasure();
+  const events = presenceStats.joins + presenceStats.leaves - before;
+  presenceMeasuring = false;
+  stop = true;
+  await Promise.race([workers, sleep(15000)]);
+  m.deliveries = events;
+  result.presence_events = { joins: presenceStats.joins, leaves: presenceStats.leaves, in_window: events };
+  result.churn_cycles_per_s = m.seconds > 0 ? Math.round((cycles - cyclesBefore) / m.seconds) : null;
+  result.handshake_failures = failures;
+  result.concurrency = conc;
+  result.hold_ms = holdMs;
+  return m;
+}
+
 // ---- measurement ---------------------------------------------------------------------------
 
 let mark = null;
@@ -1014,7 +1229,7 @@ function makeReceiver() {
     if (cfg.wsrecv && fs.existsSync(cfg.wsrecv)) return new CReceiver(cfg.wsrecv, total);
     log('wsrecv is not built: using the JavaScript receiver');
   }
-  return new JsReceiver(want === 'ws' ? 'ws' : 'raw');
+  return new JsReceiver(want === 'ws' || want === 'sse' ? want : 'raw');
 }
 
 async function main() {
@@ -1036,9 +1251,10 @@ async function main() {
       result.connect_errors = receiver.failed;
       result.connect_s = +((performance.now() - tStart) / 1000).toFixed(3);
       log(`${receiver.open}/${cfg.subscribers} subscribers connected in ${result.connect_s} s`);
-      const run = { fanout: runFanout, multi: runFanout, personal: runPersonal }[cfg.mode] || runSteady;
+      const run = { fanout: runFanout, multi: runFanout, personal: runPersonal, presence: runPresence }[cfg.mode]
+        || runSteady;
       m = await run(result);
-      counted = await drain(cfg.drainTimeout || 5);
+      counted = cfg.mode === 'presence' ? { expected: null, received: null } : await drain(cfg.drainTimeout || 5);
     }
     result.measure_s = +m.seconds.toFixed(3);
     result.measured_deliveries = m.deliveries;

@@ -10,6 +10,14 @@ scripts' time (INFO commandstats) per notification. Repeat to see the spread:
 
 ``--tree PATH`` imports notifier from another checkout (e.g. a ``git worktree`` of an older
 commit) to compare the two on the same machine.
+
+``--presence``: the presence script instead (``Broker.presence_update``, what an instance sends
+about 50 ms after handshakes and closes): ``--count`` users join (count 1 on their own
+``user:<sub>`` topic, and on the shared ``room`` with ``--room``) in calls of ``--batch`` changes,
+then leave (count 0) the same way; Redis time per handshake = the script's usec / ``--count``
+(one join and one leave each), and per change:
+
+    python -m benchmarks.redis_cost --presence --repeat 5 [--batch 64] [--room]
 """
 
 from __future__ import annotations
@@ -79,6 +87,57 @@ async def _once(count: int, topics: int, concurrency: int) -> float:
         server.wait(10)
 
 
+async def _presence_once(count: int, batch: int, room: bool) -> tuple[float, float, int]:
+    """(Redis usec per handshake, usec per change, script calls) for ``count`` joins and leaves."""
+    from redis.asyncio import Redis
+
+    from notifier.broker_redis import RedisBroker
+
+    port = _free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    admin = Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await admin.ping()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        broker = RedisBroker(f"redis://127.0.0.1:{port}/0")
+        await broker.start(lambda _n: None, lambda _c: None, lambda _lost: None)
+        while not broker.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await broker.presence_update([("warm", "up", 1)])
+        await admin.config_resetstat()
+        changes = 0
+        calls = 0
+        for value in (1, 0):  # everyone joins, then everyone leaves
+            for first in range(0, count, batch):
+                chunk = []
+                for i in range(first, min(count, first + batch)):
+                    chunk.append((f"user:u{i}", f"u{i}", value))
+                    if room:
+                        chunk.append(("room", f"u{i}", value))
+                await broker.presence_update(chunk)
+                changes += len(chunk)
+                calls += 1
+        stats = await admin.info("commandstats")
+        await broker.close()
+        usec = float(stats["cmdstat_evalsha"]["usec"])
+        return usec / count, usec / changes, calls
+    finally:
+        await admin.aclose()
+        server.terminate()
+        server.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
@@ -86,9 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=1, help="publishes in flight (default 1)")
     parser.add_argument("--tree", help="import notifier from this checkout")
+    parser.add_argument("--presence", action="store_true", help="the presence script (see above)")
+    parser.add_argument("--batch", type=int, default=64, help="--presence: changes per call (64)")
+    parser.add_argument("--room", action="store_true", help="--presence: each user also on one shared topic")
     args = parser.parse_args(argv)
     if args.tree:
         sys.path.insert(0, args.tree)
+    if args.presence:
+        if not 1 <= args.count <= 200000 or not 1 <= args.batch <= 256:
+            parser.error("--presence: --count 1..200000, --batch 1..256")
+        results = [asyncio.run(_presence_once(args.count, args.batch, args.room)) for _ in range(args.repeat)]
+        per_hs = [r[0] for r in results]
+        shown = ", ".join(f"{r:.1f}" for r in per_hs)
+        room = " and the shared room" if args.room else ""
+        print(
+            f"presence script, {args.batch} handshakes per call, own topic{room}: median"
+            f" {statistics.median(per_hs):.1f} us of Redis time per handshake (join + leave; runs: {shown});"
+            f" {statistics.median(r[1] for r in results):.2f} us per change, {results[0][2]} calls per run"
+        )
+        return 0
     runs = [asyncio.run(_once(args.count, args.topics, args.concurrency)) for _ in range(args.repeat)]
     shown = ", ".join(f"{r:.1f}" for r in runs)
     print(

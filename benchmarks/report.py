@@ -182,7 +182,72 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             )
         )
     parts += _user_tables(by)
+    extra = _presence_sse_table(by)
+    if extra:
+        parts.append(extra)
     return "\n\n".join(parts) + "\n"
+
+
+# The presence and SSE scenarios (notifier only): one table, one row per run.
+PRESENCE_SSE = (
+    "handshake",
+    "handshake_room",
+    "handshake_presence",
+    "fanout",
+    "fanout_sse",
+    "steady",
+    "steady_sse",
+    "presence_events",
+)
+
+
+def _presence_sse_table(by: dict[str, list[dict[str, Any]]]) -> str | None:
+    if not any(s in by for s in PRESENCE_SSE if s not in ("handshake", "fanout", "steady")):
+        return None
+    rows = []
+    for scenario in PRESENCE_SSE:
+        for x in _order(by.get(scenario, [])):
+            if x["server"] not in ("notifier", "notifier-memory"):
+                continue
+            handshake = scenario.startswith("handshake")
+            rows.append(
+                [
+                    scenario,
+                    x["server"],
+                    _num(x["subscribers"]),
+                    _num(x["handshakes_per_cpu_s"] if handshake else x["deliveries_per_cpu_s"]),
+                    _num(x["handshakes_per_s"] if handshake else x["deliveries_per_s"]),
+                    _busy(x["server_cpu_util"], x["server_busy"]),
+                    _num(x["p50_ms"], 2),
+                    _num(x["p99_ms"], 2),
+                    _num(x["redis_calls_per_op"], 2),
+                    _num(x["redis_us_per_op"], 1),
+                    _num(x["lost"]),
+                    "; ".join(x["errors"]),
+                ]
+            )
+    return (
+        "**presence and SSE** (notifier; per CPU-s: handshakes for handshake*, deliveries for fanout*,"
+        " join/leave frames delivered for presence_events; Redis calls and µs per handshake over the"
+        " whole run)\n\n"
+        + _table(
+            [
+                "scenario",
+                "server",
+                "N",
+                "per server CPU-s",
+                "per s",
+                "server CPU / busy",
+                "p50 ms",
+                "p99 ms",
+                "Redis calls / handshake",
+                "Redis µs / handshake",
+                "lost",
+                "errors",
+            ],
+            rows,
+        )
+    )
 
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]

@@ -17,7 +17,19 @@ Scenarios (each bounded in count and in time):
 - ``multi``: 1,000 such users; each POST names all 1,000 topics (multi-topic publish), windowed as
   in fanout; deliveries per server CPU-second;
 - ``handshake``: C connectors opening a WebSocket as a distinct user, waiting for ``hello`` and
-  closing, in a loop; handshakes per server CPU-second, connect->hello latency.
+  closing, in a loop; handshakes per server CPU-second, connect->hello latency;
+- ``handshake_room`` / ``handshake_presence`` (notifier only): the same, each socket also on a
+  shared topic (``topics=bench.room``), without / with ``presence=1``;
+- ``fanout_sse`` / ``steady_sse`` (notifier only): ``fanout`` / ``steady`` over ``GET /v1/sse``
+  event streams (a raw HTTP/1.1 client in the load generator), to compare with the same over
+  WebSockets;
+- ``presence_events`` (notifier only): ``--presence-listeners`` WebSockets with ``presence=1`` on
+  one topic while churners open and close sockets on it as other users; join/leave frames
+  delivered per second and per server CPU-second, lag from a churner's ``hello`` to the join.
+
+With Redis, notifier's lines also carry Redis's own accounting over the whole run (INFO
+commandstats, reset after start-up): calls and microseconds per handshake (handshake scenarios);
+the whole commandstats in latest.json.
 
 The server runs pinned to core 0, the load generator (benchmarks/loadgen.mjs, Node.js, with the
 subscribers held by benchmarks/wsrecv.c) to core 1; CPU seconds are utime+stime from
@@ -33,6 +45,7 @@ import platform
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,9 +65,28 @@ HERE = ROOT / "benchmarks"
 LOADGEN = HERE / "loadgen.mjs"
 WSRECV_SOURCE = HERE / "wsrecv.c"
 WSRECV = HERE / ".build" / "wsrecv"
-SCENARIOS = ("fanout", "steady", "idle_memory", "cluster", "personal", "multi", "handshake", "storm")
+SCENARIOS = (
+    "fanout",
+    "steady",
+    "idle_memory",
+    "cluster",
+    "personal",
+    "multi",
+    "handshake",
+    "storm",
+    "handshake_room",
+    "handshake_presence",
+    "fanout_sse",
+    "steady_sse",
+    "presence_events",
+)
+# Not in the default run (``--scenarios`` names them): presence and SSE, notifier only.
+EXTRA_SCENARIOS = ("handshake_room", "handshake_presence", "fanout_sse", "steady_sse", "presence_events")
+NOTIFIER_ONLY = EXTRA_SCENARIOS
+HANDSHAKES = ("handshake", "handshake_room", "handshake_presence")
 # One WebSocket per user on its own user:<sub> topic (baselines with their topic registry).
-USER_SCENARIOS = ("personal", "multi", "handshake")
+USER_SCENARIOS = ("personal", "multi", *HANDSHAKES)
+ROOM = "bench.room"  # handshake_room, handshake_presence: the topic every socket also asks for
 # personal: at most this many times --notifications (one POST reaches one socket, not N).
 PERSONAL_FACTOR = 5
 TOPIC = "bench"
@@ -99,6 +131,9 @@ KEYS = (
     "handshakes_per_s",
     "handshakes_per_cpu_s",
     "handshake_failures",
+    "redis_calls_per_op",
+    "redis_us_per_op",
+    "presence_events_per_s",
     "ratio_metric",
     "ratios",
     "errors",
@@ -112,6 +147,11 @@ HEADLINE = {
     "personal": ("deliveries_per_cpu_s", True),
     "multi": ("deliveries_per_cpu_s", True),
     "handshake": ("handshakes_per_cpu_s", True),
+    "handshake_room": ("handshakes_per_cpu_s", True),
+    "handshake_presence": ("handshakes_per_cpu_s", True),
+    "fanout_sse": ("deliveries_per_cpu_s", True),
+    "steady_sse": ("p99_ms", False),
+    "presence_events": ("deliveries_per_cpu_s", True),
 }
 MIN_CPU_WINDOW = 0.5  # seconds
 # The load generator's share of the wall time spent running or waiting for its core above
@@ -140,6 +180,9 @@ class Plan:
     multi_users: int
     handshake_concurrency: int
     handshake_tokens: int
+    presence_listeners: int
+    presence_churners: int
+    presence_hold_ms: int
     publish_sockets: int
     pipeline: int
     deflate: bool
@@ -192,7 +235,12 @@ def parse_args(argv: list[str] | None) -> Plan:
         "handshake, against baselines",
     )
     p.add_argument("--quick", action="store_true", help="smaller counts and shorter runs (under ~5 minutes)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
+    default_scenarios = ",".join(s for s in SCENARIOS if s not in EXTRA_SCENARIOS)
+    p.add_argument(
+        "--scenarios",
+        default=default_scenarios,
+        help=f"comma-separated (default: {default_scenarios}; also {', '.join(EXTRA_SCENARIOS)})",
+    )
     p.add_argument(
         "--servers",
         help=f"comma-separated of {', '.join(SERVERS)} (default: all; without notifier-memory in --quick)",
@@ -228,6 +276,19 @@ def parse_args(argv: list[str] | None) -> Plan:
     p.add_argument("--handshake-concurrency", type=int, help="handshake: concurrent connectors (default 64)")
     p.add_argument(
         "--handshake-tokens", type=int, default=20000, help="handshake: distinct users (default 20000)"
+    )
+    p.add_argument(
+        "--presence-listeners", type=int, default=500, help="presence_events: listeners (default 500)"
+    )
+    p.add_argument(
+        "--presence-churners", type=int, default=16, help="presence_events: churning connectors (16)"
+    )
+    p.add_argument(
+        "--presence-hold-ms",
+        type=int,
+        default=200,
+        help="presence_events: ms a churner holds its socket (default 200; under 50 its join and leave "
+        "are sent to the broker together and cancel out)",
     )
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate, as browsers do")
     p.add_argument(
@@ -266,7 +327,7 @@ def parse_args(argv: list[str] | None) -> Plan:
 
     subscribers = [int(x) for x in _csv(str(pick("subscribers")))]
     users = [pick("personal_users"), pick("multi_users"), pick("handshake_concurrency")]
-    users += [a.handshake_tokens, a.publish_sockets, a.pipeline]
+    users += [a.handshake_tokens, a.publish_sockets, a.pipeline, a.presence_listeners, a.presence_churners]
     if any(n < 1 for n in subscribers + users) or a.repeat < 1 or a.instances < 1 or a.rate <= 0:
         p.error("counts, --repeat, --instances and --rate must be positive")
     return Plan(
@@ -289,6 +350,9 @@ def parse_args(argv: list[str] | None) -> Plan:
         multi_users=pick("multi_users"),
         handshake_concurrency=pick("handshake_concurrency"),
         handshake_tokens=a.handshake_tokens,
+        presence_listeners=a.presence_listeners,
+        presence_churners=a.presence_churners,
+        presence_hold_ms=max(0, a.presence_hold_ms),
         publish_sockets=a.publish_sockets,
         pipeline=a.pipeline,
         deflate=a.deflate,
@@ -424,7 +488,9 @@ class RssSampler:
                 return
 
 
-def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict[str, Any]:
+def loadgen_cfg(
+    plan: Plan, target: Target, mode: str, subscribers: int, scenario: str | None = None
+) -> dict[str, Any]:
     # Notifications in flight: enough that both sides batch (several frames per socket read and
     # write), bounded so a subscriber never has more than 64 frames (16 KiB) pending.
     window = plan.window or max(8, min(64, -(-32000 // subscribers)))
@@ -439,6 +505,16 @@ def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict
         )
     if mode == "handshake":
         extra.update(concurrency=subscribers, tokens=plan.handshake_tokens)
+    if scenario in ("handshake_room", "handshake_presence"):
+        extra.update(handshakeTopic=ROOM, presence=scenario == "handshake_presence")
+    if mode == "presence":
+        extra.update(
+            presence=True, concurrency=plan.presence_churners, holdMs=plan.presence_hold_ms, tokens=1000
+        )
+    # presence_events: the JavaScript receiver, which counts join and leave frames (wsrecv does not).
+    receiver = {"fanout_sse": "sse", "steady_sse": "sse", "presence_events": "raw"}.get(
+        scenario or "", plan.receiver
+    )
     return {
         "mode": mode,
         "wsUrl": target.ws_url,
@@ -452,7 +528,7 @@ def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict
         "maxNotifications": plan.max_notifications,
         "frameBytes": plan.frame_bytes,
         "deflate": plan.deflate,
-        "receiver": plan.receiver,
+        "receiver": receiver,
         "wsrecv": str(WSRECV),
         "window": window,
         "rate": plan.rate,
@@ -467,7 +543,13 @@ def loadgen_cfg(plan: Plan, target: Target, mode: str, subscribers: int) -> dict
 # -- one run -------------------------------------------------------------------------------
 
 
-def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) -> dict[str, Any]:
+def result_line(
+    scenario: str,
+    server: str,
+    target: Target,
+    lg: dict[str, Any],
+    redis_stats: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
     cpu: dict[str, float] = lg.get("cpu_s") or {}
     server_cpu = cpu.get("server")
     measured = lg.get("measured_deliveries")
@@ -502,12 +584,21 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         if scenario != "idle_memory":
             loadgen_util = None
         lg = {**lg, "server_cpu_util": None, "server_busy": None, "loadgen_busy": None}
-    handshake = scenario == "handshake"
+    handshake = scenario in HANDSHAKES
     redis_cpu = cpu.get("redis")
     per_cpu_s = round(measured / server_cpu) if measured and server_cpu else None
     per_notification = None
     if scenario in ("personal", "multi") and redis_cpu is not None and measured and server_cpu:
         per_notification = round(redis_cpu * 1e6 / measured, 1)
+    # Redis's own accounting over the whole run (not only the window), per handshake.
+    calls_per_op = us_per_op = None
+    ops = lg.get("handshakes") if handshake else None
+    if redis_stats and ops:
+        calls, usec = client_calls(redis_stats)
+        calls_per_op, us_per_op = round(calls / ops, 3), round(usec / ops, 2)
+    events_per_s = None
+    if scenario == "presence_events" and measured is not None and lg.get("measure_s"):
+        events_per_s = round(measured / lg["measure_s"])
     line: dict[str, Any] = {
         "scenario": scenario,
         "server": server,
@@ -548,6 +639,9 @@ def result_line(scenario: str, server: str, target: Target, lg: dict[str, Any]) 
         "handshakes_per_s": lg.get("handshakes_per_s"),
         "handshakes_per_cpu_s": per_cpu_s if handshake else None,
         "handshake_failures": failures if handshake else None,
+        "redis_calls_per_op": calls_per_op,
+        "redis_us_per_op": us_per_op,
+        "presence_events_per_s": events_per_s,
         "ratio_metric": HEADLINE[scenario][0],
         "ratios": None,
         "errors": errors,
@@ -568,17 +662,31 @@ def run_one(
             target = start_cluster(dep, server, secret, plan.instances, server_core, load_core, plan.upstream)
         else:
             target = start_single(dep, server, secret, server_core, load_core, scenario in USER_SCENARIOS)
-        modes = {"steady": "steady", "cluster": "steady", "idle_memory": "idle"}
+        modes = {
+            "steady": "steady",
+            "cluster": "steady",
+            "idle_memory": "idle",
+            "handshake_room": "handshake",
+            "handshake_presence": "handshake",
+            "fanout_sse": "fanout",
+            "steady_sse": "steady",
+            "presence_events": "presence",
+        }
         mode = modes.get(scenario, scenario)
+        redis_url = target.info.get("redis_url")
+        if redis_url:
+            redis_command(redis_url, "CONFIG", "RESETSTAT")
         # One RSS reading per second in short runs, about 100 per run in long ones (a soak).
         with RssSampler(target.pids["server"], max(1.0, plan.duration / 100)) as rss:
-            lg = run_loadgen(plan, loadgen_cfg(plan, target, mode, subscribers), load_core, logdir)
+            cfg = loadgen_cfg(plan, target, mode, subscribers, scenario)
+            lg = run_loadgen(plan, cfg, load_core, logdir)
+        redis_stats = commandstats(redis_command(redis_url, "INFO", "commandstats")) if redis_url else None
     except BaseException:
         print(f"benchmarks: {scenario}/{server} failed; logs kept in {logdir}", file=sys.stderr)
         dep.stop()
         raise
     dep.stop()
-    line = result_line(scenario, server, target, lg)
+    line = result_line(scenario, server, target, lg, redis_stats)
     if line["errors"]:
         print(
             f"benchmarks: {scenario}/{server}: {'; '.join(line['errors'])}; logs kept in {logdir}",
@@ -598,8 +706,64 @@ def run_one(
         "reads_in_window": lg.get("reads_in_window"),
         "measured_deliveries": lg.get("measured_deliveries"),
         "loadgen_user_sys_s": lg.get("loadgen_user_sys_s"),
+        "redis_commandstats": redis_stats,
+        "presence_events": lg.get("presence_events"),
+        "churn_cycles_per_s": lg.get("churn_cycles_per_s"),
     }
     return line, details
+
+
+def redis_command(url: str, *args: str) -> str:
+    """One command to the redis-server at ``url`` (redis://host:port/db), its answer as text."""
+    rest = url.split("://", 1)[1].split("/", 1)[0]
+    host, port = rest.rsplit(":", 1)
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(b"+") or data.startswith(b"-"):
+                if data.endswith(b"\r\n"):
+                    break
+            elif data.startswith(b"$"):
+                head, _, body = data.partition(b"\r\n")
+                if len(body) >= int(head[1:]) + 2:
+                    break
+    return data.decode(errors="replace")
+
+
+# Commands of the suite's own bookkeeping, not of the server under test.
+OWN_COMMANDS = ("info", "config")
+# INFO commandstats also counts the commands a script runs (HGET, XADD, ... inside EVALSHA): the
+# calls the server makes are the script calls plus the commands only a client sends (pub/sub,
+# connection set-up); a script's usec include its commands'.
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+CLIENT_COMMANDS = ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe", "psubscribe", "punsubscribe")
+CLIENT_COMMANDS += ("ping", "hello", "script", "client", "select", "cluster")
+
+
+def client_calls(stats: dict[str, dict[str, float]]) -> tuple[int, int]:
+    """(calls, usec) of the commands the server sent itself (scripts whole, not their insides)."""
+    mine = [v for k, v in stats.items() if k.split("|")[0] in SCRIPT_COMMANDS + CLIENT_COMMANDS]
+    return int(sum(v["calls"] for v in mine)), int(sum(v["usec"] for v in mine))
+
+
+def commandstats(text: str) -> dict[str, dict[str, float]]:
+    """INFO commandstats as {command: {"calls": n, "usec": n}}, without the suite's own commands."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, _, fields = line[len("cmdstat_") :].partition(":")
+        if name.split("|")[0] in OWN_COMMANDS:
+            continue
+        values = dict(kv.split("=", 1) for kv in fields.split(",") if "=" in kv)
+        out[name] = {"calls": int(values.get("calls", 0)), "usec": int(values.get("usec", 0))}
+    return out
 
 
 def add_ratios(line: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> None:
@@ -619,7 +783,11 @@ def groups(plan: Plan) -> Iterator[tuple[str, int, list[str]]]:
         if scenario == "storm":
             continue  # notifier only, on a cluster of its own: see benchmarks/storm.py, run by main()
         servers = [s for s in order if not (scenario == "cluster" and s == "notifier-memory")]
-        if scenario == "fanout":
+        if scenario in NOTIFIER_ONLY:
+            servers = [s for s in servers if s not in BASELINES]
+            if not servers:
+                continue
+        if scenario in ("fanout", "fanout_sse"):
             for n in plan.subscribers:
                 yield scenario, n, servers
         elif scenario == "idle_memory":
@@ -628,8 +796,10 @@ def groups(plan: Plan) -> Iterator[tuple[str, int, list[str]]]:
             yield scenario, plan.personal_users, servers
         elif scenario == "multi":
             yield scenario, plan.multi_users, servers
-        elif scenario == "handshake":
+        elif scenario in HANDSHAKES:
             yield scenario, plan.handshake_concurrency, servers
+        elif scenario == "presence_events":
+            yield scenario, plan.presence_listeners, servers
         else:
             yield scenario, plan.steady_subscribers, servers
 

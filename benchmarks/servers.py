@@ -237,7 +237,11 @@ def start_single(
             f"http://127.0.0.1:{port}/v1/notifications",
             secret,
             pids,
-            {"broker": broker.split(":")[0], "instances": 1},
+            {
+                "broker": broker.split(":")[0],
+                "instances": 1,
+                **({"redis_url": broker} if kind == "notifier" else {}),
+            },
         )
     proc, port, publish_url = dep.baseline(kind, server_core, topics=topics)
     return Target(

@@ -26,6 +26,9 @@ const cfg = JSON.parse(process.argv[2]);
 const N = cfg.clients;
 const CLK_TCK = cfg.clkTck || 100;
 const SHARED = cfg.shared === false ? null : 'storm.all';
+// Clients 0..PRESENCE_LISTENERS-1 ask `presence=1`: the join and leave events of storm.all's (and
+// their own topic's) other users, counted, not checked.
+const PRESENCE_LISTENERS = Math.min(N, cfg.presenceListeners || 0);
 const MIN_DELAY = cfg.minDelay ?? 500; // ms: notifier.js's and client.py's defaults
 const MAX_DELAY = cfg.maxDelay ?? 30000;
 // A handshake given up (and retried with backoff) when no hello came within this: notifier.js
@@ -133,6 +136,7 @@ class Client {
     if (SHARED) since.push(`${SHARED}:${this.posAll}`);
     const q = new URLSearchParams({ token: this.token, since: since.join(',') });
     if (SHARED) q.set('topics', SHARED);
+    if (this.i < PRESENCE_LISTENERS) q.set('presence', '1');
     return `${wsUrl.pathname}?${q}`;
   }
 }
@@ -144,6 +148,7 @@ let droppedCount = 0; // clients that lost their socket after the kill
 let stormEnd = 0; // ms when every client was back
 let killAt = 0; // ms (performance.now) of the kill, 0 before
 let stopping = false;
+const presenceEvents = { join: 0, leave: 0 }; // frames received by the presence listeners
 const counters = {
   handshakeFailures: {}, // by HTTP status or kind, after the kill
   initialFailures: {}, // the same while the clients first connect
@@ -294,6 +299,7 @@ function connect(c) {
       return;
     }
     if (msg.type === 'notification') onNotification(c, msg);
+    else if (msg.type === 'join' || msg.type === 'leave') presenceEvents[msg.type]++;
   };
   const frames = (buf) => {
     let pos = 0;
@@ -529,7 +535,7 @@ let phase = 'connect';
 // ---- the run -------------------------------------------------------------------------------
 
 async function main() {
-  const result = { clients: N, signal: cfg.killSignal, shared_topic: SHARED };
+  const result = { clients: N, signal: cfg.killSignal, shared_topic: SHARED, presence_listeners: PRESENCE_LISTENERS };
   // 1. Everyone connects (through nginx), with backoff on a refusal.
   const connectStart = now();
   let next = 0;
@@ -639,6 +645,7 @@ async function main() {
     publish_failed: pub.failed,
     publish_uncertain: pub.uncertain,
     publish_errors: pub.errors,
+    presence_events: presenceEvents,
     shared_published: SHARED ? [...allAccepted].filter((x) => x === 1).length : 0,
     expected: v.expected,
     received: v.received,

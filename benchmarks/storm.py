@@ -1,6 +1,7 @@
 """The ``storm`` scenario: a reconnect storm after one of three instances dies.
 
     python -m benchmarks.storm [--clients N] [--signal kill|term|both] [--quick] [--json-only]
+                               [--presence-listeners K]
 
 One redis-server, three ``python -m notifier serve`` instances (shared secret, Redis broker,
 ``NOTIFIER_MAX_CONNECTIONS=20000``, the default ``NOTIFIER_SHUTDOWN_TIMEOUT`` of 10 s so a
@@ -14,7 +15,9 @@ to the two surviving instances, kills the third (SIGKILL: the crash; SIGTERM: it
 with close code 1001), and follows every dropped client back: jittered exponential backoff as
 the shipped clients (0.5 s doubling to 30 s, times 0.5-1), ``since=<topic>:<id>`` for its
 topics. Then it checks every client received every accepted notification of its topics exactly
-once, in order. One JSON line per signal, ``{"scenario": "storm", "server": "notifier", ...}``.
+once, in order. ``--presence-listeners K``: the first K clients ask ``presence=1`` (the join and
+leave events of ``storm.all``, counted in ``presence_events``). One JSON line per signal,
+``{"scenario": "storm", "server": "notifier", ...}``.
 
 The instances run on the server core, the load generator and redis-server on the other, nginx
 unpinned (as in the ``cluster`` scenario); ``--no-pin`` turns pinning off. Every process runs in
@@ -176,6 +179,7 @@ def storm_cfg(
     result_file: Path,
     verbose: bool,
     hello_timeout: float = 30.0,
+    presence_listeners: int = 0,
 ) -> dict[str, Any]:
     killed, survivors = cluster.instances[-1], cluster.instances[:-1]
     assert cluster.nginx is not None and cluster.redis is not None
@@ -201,6 +205,7 @@ def storm_cfg(
         "backTimeoutS": 60,
         "maxPublishS": 300,
         "helloTimeoutS": hello_timeout,
+        "presenceListeners": presence_listeners,
         "minDelay": 500,
         "maxDelay": 30000,
         "clkTck": CLK_TCK,
@@ -220,6 +225,7 @@ def run_one(
     logdir: Path | None = None,
     verbose: bool = False,
     hello_timeout: float = 30.0,
+    presence_listeners: int = 0,
 ) -> dict[str, Any]:
     """One storm: a fresh cluster, N clients, one instance killed with ``sig`` (kill|term)."""
     node = shutil.which("node")
@@ -234,7 +240,7 @@ def run_one(
     try:
         cluster.start()
         result_file = logdir / f"storm-{sig}-{time.time_ns()}.json"
-        cfg = storm_cfg(cluster, clients, sig, quick, result_file, verbose, hello_timeout)
+        cfg = storm_cfg(cluster, clients, sig, quick, result_file, verbose, hello_timeout, presence_listeners)
         gen = cluster.dep.spawn("storm.mjs", [node, str(STORM_JS), json.dumps(cfg)], core=aux_core)
         if verbose:
             print(f"storm: logs in {logdir}", file=sys.stderr)
@@ -365,12 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="seconds a client waits for its hello before it gives up and retries (30)",
     )
+    parser.add_argument(
+        "--presence-listeners",
+        type=int,
+        default=0,
+        help="the first K clients ask presence=1 (join/leave events of storm.all; default 0)",
+    )
     parser.add_argument("--logdir", type=Path, help="where the processes' logs go (default: a temp dir)")
     parser.add_argument("-v", "--verbose", action="store_true", help="the load generator's progress")
     args = parser.parse_args(argv)
     clients = args.clients or (1000 if args.quick else 10000)
     if not 1 <= clients <= 15000:
         parser.error("--clients: 1..15000")
+    if args.presence_listeners < 0:
+        parser.error("--presence-listeners: 0 or more")
     signals = ("kill", "term") if args.signal == "both" else (args.signal,)
     lines = []
     try:
@@ -378,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
             for sig in signals:
                 sub = (args.logdir / f"storm-{sig}") if args.logdir else None
                 line = run_one(
-                    clients, sig, args.quick, not args.no_pin, sub, args.verbose, args.hello_timeout
+                    clients,
+                    sig,
+                    args.quick,
+                    not args.no_pin,
+                    sub,
+                    args.verbose,
+                    args.hello_timeout,
+                    args.presence_listeners,
                 )
                 print(json.dumps(line), flush=True)
                 lines.append(line)

@@ -133,3 +133,54 @@ def test_broker_cost_prints_the_table() -> None:
     assert len(cluster["shard_share"]) == 3 and abs(sum(cluster["shard_share"]) - 1) < 1e-6, cluster
     assert all(share > 0 for share in cluster["shard_calls_share"]), cluster
     assert sum(len(runs) for runs in result["runs"].values()) == 3
+
+
+def test_presence_and_sse_scenarios_print_a_json_line(tmp_path: Path) -> None:
+    """handshake_room, handshake_presence, fanout_sse, steady_sse and presence_events (notifier only), tiny:
+    one line each; the handshakes get their hello and carry Redis's calls per handshake, the
+    event streams lose nothing, the presence listeners receive join and leave frames."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"the benchmark needs {', '.join(missing)}")
+    scenarios = (
+        "handshake",
+        "handshake_room",
+        "handshake_presence",
+        "fanout_sse",
+        "steady_sse",
+        "presence_events",
+    )
+    argv = [
+        sys.executable, "-m", "benchmarks",
+        "--scenarios", ",".join(scenarios), "--servers", "notifier,ws_broadcast",
+        "--subscribers", "5", "--steady-subscribers", "5", "--rate", "20",
+        "--handshake-concurrency", "3", "--handshake-tokens", "5",
+        "--presence-listeners", "4", "--presence-churners", "2", "--presence-hold-ms", "100",
+        "--notifications", "12", "--duration", "0.6", "--warmup", "0.2",
+        "--out", str(tmp_path), "--no-plots",
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, f"status {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip().startswith("{")]
+    seen = {(line["scenario"], line["server"]) for line in lines}
+    # The new scenarios are notifier's only (a baseline has no presence, no event stream).
+    assert seen == {(s, "notifier") for s in scenarios} | {("handshake", "ws_broadcast")}, done.stdout
+    for line in lines:
+        assert REQUIRED_KEYS <= line.keys(), REQUIRED_KEYS - line.keys()
+        assert line["errors"] == [], line
+        assert line["out_of_order"] == 0, line
+        if line["server"] != "notifier":
+            continue
+        if line["scenario"].startswith("handshake"):
+            assert line["handshake_failures"] == {}, line
+            assert line["redis_calls_per_op"] and line["redis_us_per_op"], line
+        elif line["scenario"] in ("fanout_sse", "steady_sse"):
+            assert line["receiver"] == "sse" and line["lost"] == 0, line
+            assert line["published"] and line["published"] >= 1, line
+        else:
+            assert line["presence_events_per_s"] is not None, line
+    results = json.loads((tmp_path / "latest.json").read_text())
+    events = [r["presence_events"] for r in results["runs"] if r["line"]["scenario"] == "presence_events"]
+    assert events and events[0]["joins"] > 0 and events[0]["leaves"] > 0, events
+    assert "**presence and SSE**" in (tmp_path / "latest.md").read_text()
