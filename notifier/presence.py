@@ -130,17 +130,23 @@ class PresenceTracker:
                 delay = FLUSH_DELAY
 
     async def _send(self) -> None:
-        """Send the pending changes in chunks; what fails stays pending."""
-        while self._dirty:
+        """Send the changes pending now in chunks (those made meanwhile wait for the next turn, so
+        a steady stream of handshakes still makes one call per FLUSH_DELAY); what fails stays
+        pending."""
+        pending = list(self._dirty)
+        while pending:
             chunk: list[PresenceChange] = []
-            size = 0
-            for topic, user in self._dirty:
+            size = taken = 0
+            for topic, user in pending:
                 if len(chunk) >= CHUNK_CHANGES or (chunk and size + len(topic) + len(user) > CHUNK_BYTES):
                     break
-                chunk.append((topic, user, self.counts.get(topic, {}).get(user, 0)))
-                size += len(topic) + len(user)
-            for topic, user, _count in chunk:
-                del self._dirty[(topic, user)]
+                taken += 1
+                if self._dirty.pop((topic, user), False) is None:  # still pending (not sent meanwhile)
+                    chunk.append((topic, user, self.counts.get(topic, {}).get(user, 0)))
+                    size += len(topic) + len(user)
+            del pending[:taken]
+            if not chunk:
+                continue
             try:
                 forgotten = await self.broker.presence_update(chunk)
             except BaseException:
