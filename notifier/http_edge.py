@@ -18,7 +18,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from notifier.api_publish import PUBLISH_PATH, RESPOND_EXTENSION
 from notifier.sse import SSE_PATH
 from notifier.uvicorn_internals import require as _require
-from notifier.ws import ABORT_EXTENSION
+from notifier.ws import ABORT_EXTENSION, SINK_EXTENSION
 
 log = logging.getLogger("notifier.server")
 
@@ -242,7 +242,10 @@ class HttpProtocol(HttpToolsProtocol):
             elif scope["path"] == SSE_PATH:
                 # An event stream's client that stopped reading leaves the transport paused: the
                 # stream drops the connection this way once it gave up on it (notifier.sse).
-                scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
+                # Notifications go out through the sink, straight to the transport.
+                extensions = scope.setdefault("extensions", {})
+                extensions[ABORT_EXTENSION] = {"abort": self.transport.abort}
+                extensions[SINK_EXTENSION] = {"sink": ChunkSink(cycle)}
 
     def on_message_complete(self) -> None:
         if self._phase == _BODY:
@@ -311,9 +314,38 @@ _require(
             "disconnected",
             "message_event",
             "on_response",
+            "chunked_encoding",
         )
     },
 )
+
+
+class ChunkSink:
+    """Writes already-encoded chunks of an event stream's chunked response straight to the
+    transport (``notifier.hub.Sink``): a notification's ``sse_chunk``, framed once for every
+    stream. Writable only while the response is under way, chunked, and the client keeps up.
+    uvicorn internals, checked at import: the cycle's state as its ``send`` keeps it."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+
+    def writable(self) -> bool:
+        c = self._cycle
+        return (
+            c.response_started
+            and c.chunked_encoding is True
+            and not c.response_complete
+            and not c.disconnected
+            and not c.flow.write_paused
+        )
+
+    def write(self, data: bytes) -> None:
+        self._cycle.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._cycle.flow.drain()
 
 
 def respond_whole(

@@ -89,7 +89,7 @@ class Connection:
         if sink is None or self.queue or self.busy or self.close_code is not None or not sink.writable():
             self.enqueue(n)
             return False
-        sink.write(n.sse if self.sse else n.wire)
+        sink.write(n.sse_chunk if self.sse else n.wire)
         return True
 
     def enqueue(self, n: Notification) -> None:

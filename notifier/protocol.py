@@ -80,6 +80,7 @@ class Notification:
     size: int  # the frame's length in UTF-8 bytes
     wire: bytes  # the frame as one unmasked WebSocket text frame, the same bytes for every socket
     sse_bytes: bytes = field(default=b"", compare=False, repr=False)  # see ``sse``: made on first use
+    sse_chunk_bytes: bytes = field(default=b"", compare=False, repr=False)  # see ``sse_chunk``
 
     @property
     def sse(self) -> bytes:
@@ -88,6 +89,15 @@ class Notification:
         if not self.sse_bytes:
             object.__setattr__(self, "sse_bytes", sse_event("notification", self.frame, str(self.id)))
         return self.sse_bytes
+
+    @property
+    def sse_chunk(self) -> bytes:
+        """:attr:`sse` as one chunk of a chunked HTTP/1.1 response (what a stream's direct sink
+        writes, see notifier.http_edge): framed once, on first use, then kept with it."""
+        if not self.sse_chunk_bytes:
+            event = self.sse
+            object.__setattr__(self, "sse_chunk_bytes", b"%x\r\n" % len(event) + event + b"\r\n")
+        return self.sse_chunk_bytes
 
     def envelope(self) -> bytes:
         """The broker message: ``"<id> <ts> <frame>"``, so a node never parses the frame."""

@@ -2,11 +2,13 @@
 WebSockets (``EventSource`` reconnects by itself and resumes with ``Last-Event-ID``).
 
 The same handshake as ``/v1/ws`` (token, topics, ``since``, limits, refusals before the stream
-starts), the same roster (a :class:`~notifier.hub.Connection` marked ``sse``: the hub queues each
-notification's SSE event, encoded once per notification, not per stream), recovery, slow-consumer
-cut, drain and metrics. What differs: no client frames (a stream is read-only), a ``: ping``
-comment every 15 s instead of WebSocket pings, and a close is the end of the response (the
-client learns nothing of a code; ``EventSource`` reconnects with ``Last-Event-ID``).
+starts), the same roster (a :class:`~notifier.hub.Connection` marked ``sse``: the hub writes each
+notification's SSE event, encoded and chunk-framed once per notification, not per stream,
+straight to the socket through the HTTP edge's sink while the client keeps up, and queues it
+for the stream's writer otherwise), recovery, slow-consumer cut, drain and metrics. What
+differs: no client frames (a stream is read-only), a ``: ping`` comment every 15 s instead of
+WebSocket pings, and a close is the end of the response (the client learns nothing of a code;
+``EventSource`` reconnects with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from notifier.ws import (
     ABORT_EXTENSION,
     CLOSE_GRACE,
     EXPIRY_GRACE,
+    SINK_EXTENSION,
     Handshake,
     HandshakeSlot,
     admit,
@@ -73,6 +76,8 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
                 node.listen(conn, topics)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             services.metrics.handshakes.labels("accepted").inc()
+            sink = scope.get("extensions", {}).get(SINK_EXTENSION)  # notifier.http_edge's
+            conn.sink = sink["sink"] if sink else None
             hello["topics"] = sorted(conn.topics)
             text = dumps(hello)
             conn.push_first(text, sse_event("hello", text))
