@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from notifier.auth import ADMIN, PUBLISH, SUBSCRIBE, TokenAuthority
 from notifier.client import ClientError
-from notifier.settings import ConfigError, Settings, load_client_settings, load_settings
+from notifier.settings import ClientSettings, ConfigError, Settings, load_client_settings, load_settings
 
 DEV_SUB = "dev"
 DEV_TOKEN_TTL = 7 * 24 * 3600  # seconds: the dev token expires too, if long after the process
@@ -273,14 +273,21 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(args: argparse.Namespace) -> int:
-    from notifier.client import publish
+def _topic_client(args: argparse.Namespace) -> ClientSettings:
+    """The client settings of a command on one TOPIC (``--url``, ``--token``), the topic checked."""
     from notifier.protocol import valid_topic
 
     client = load_client_settings(url=args.url, token=args.token)
     _check_url(client.url)
     if not valid_topic(args.topic):
         raise ConfigError(f"TOPIC: invalid topic name {args.topic!r} (letters, digits, _ . : -; at most 128)")
+    return client
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from notifier.client import publish
+
+    client = _topic_client(args)
     try:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
@@ -295,12 +302,8 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _presence(args: argparse.Namespace) -> int:
     from notifier.client import presence
-    from notifier.protocol import valid_topic
 
-    client = load_client_settings(url=args.url, token=args.token)
-    _check_url(client.url)
-    if not valid_topic(args.topic):
-        raise ConfigError(f"TOPIC: invalid topic name {args.topic!r} (letters, digits, _ . : -; at most 128)")
+    client = _topic_client(args)
     try:
         answer = asyncio.run(presence(client.url, client.token, args.topic))
     except ClientError as exc:
