@@ -143,7 +143,6 @@ def test_presence_and_sse_scenarios_print_a_json_line(tmp_path: Path) -> None:
     if missing:
         pytest.skip(f"the benchmark needs {', '.join(missing)}")
     scenarios = (
-        "handshake",
         "handshake_room",
         "handshake_presence",
         "fanout_sse",
@@ -152,7 +151,7 @@ def test_presence_and_sse_scenarios_print_a_json_line(tmp_path: Path) -> None:
     )
     argv = [
         sys.executable, "-m", "benchmarks",
-        "--scenarios", ",".join(scenarios), "--servers", "notifier,ws_broadcast",
+        "--scenarios", ",".join(scenarios), "--servers", "notifier",
         "--subscribers", "5", "--steady-subscribers", "5", "--rate", "20",
         "--handshake-concurrency", "3", "--handshake-tokens", "5",
         "--presence-listeners", "4", "--presence-churners", "2", "--presence-hold-ms", "100",
@@ -165,7 +164,7 @@ def test_presence_and_sse_scenarios_print_a_json_line(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip().startswith("{")]
     seen = {(line["scenario"], line["server"]) for line in lines}
     # The new scenarios are notifier's only (a baseline has no presence, no event stream).
-    assert seen == {(s, "notifier") for s in scenarios} | {("handshake", "ws_broadcast")}, done.stdout
+    assert seen == {(s, "notifier") for s in scenarios}, done.stdout
     for line in lines:
         assert REQUIRED_KEYS <= line.keys(), REQUIRED_KEYS - line.keys()
         assert line["errors"] == [], line
