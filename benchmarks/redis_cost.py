@@ -30,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 
@@ -40,7 +42,10 @@ def _free_port() -> int:
         return port
 
 
-async def _once(count: int, topics: int, concurrency: int) -> float:
+@asynccontextmanager
+async def _redis_and_broker(start: Callable[[Any], Awaitable[None]]) -> AsyncIterator[tuple[Any, Any]]:
+    """A redis-server of its own on a free loopback port, and notifier's Redis broker on it
+    (``start(broker)`` starts it), connected: ``(admin client, broker)``; both gone afterwards."""
     from redis.asyncio import Redis
 
     from notifier.broker_redis import RedisBroker
@@ -63,13 +68,29 @@ async def _once(count: int, topics: int, concurrency: int) -> float:
                     raise
                 await asyncio.sleep(0.05)
         broker = RedisBroker(f"redis://127.0.0.1:{port}/0")
-        callbacks: list[Any] = [lambda _n: None, lambda _c: None, lambda _lost: None]
-        try:
-            await broker.start(*callbacks)
-        except TypeError:  # an older tree: no resync callback
-            await broker.start(*callbacks[:2])
+        await start(broker)
         while not broker.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        try:
+            yield admin, broker
+        finally:
+            await broker.close()
+    finally:
+        await admin.aclose()
+        server.terminate()
+        server.wait(10)
+
+
+async def _start(broker: Any) -> None:
+    callbacks: list[Any] = [lambda _n: None, lambda _c: None, lambda _lost: None]
+    try:
+        await broker.start(*callbacks)
+    except TypeError:  # an older tree: no resync callback
+        await broker.start(*callbacks[:2])
+
+
+async def _once(count: int, topics: int, concurrency: int) -> float:
+    async with _redis_and_broker(_start) as (admin, broker):
         await admin.config_resetstat()
         data = b'{"title":"hello","body":"' + b"x" * 200 + b'"}'
 
@@ -79,41 +100,12 @@ async def _once(count: int, topics: int, concurrency: int) -> float:
 
         await asyncio.gather(*(publisher(k) for k in range(concurrency)))
         stats = await admin.info("commandstats")
-        await broker.close()
         return float(stats["cmdstat_evalsha"]["usec"]) / count
-    finally:
-        await admin.aclose()
-        server.terminate()
-        server.wait(10)
 
 
 async def _presence_once(count: int, batch: int, room: bool) -> tuple[float, float, int]:
     """(Redis usec per handshake, usec per change, script calls) for ``count`` joins and leaves."""
-    from redis.asyncio import Redis
-
-    from notifier.broker_redis import RedisBroker
-
-    port = _free_port()
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    admin = Redis(port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await admin.ping()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-        broker = RedisBroker(f"redis://127.0.0.1:{port}/0")
-        await broker.start(lambda _n: None, lambda _c: None, lambda _lost: None)
-        while not broker.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    async with _redis_and_broker(_start) as (admin, broker):
         await broker.presence_update([("warm", "up", 1)])
         await admin.config_resetstat()
         changes = 0
@@ -129,13 +121,8 @@ async def _presence_once(count: int, batch: int, room: bool) -> tuple[float, flo
                 changes += len(chunk)
                 calls += 1
         stats = await admin.info("commandstats")
-        await broker.close()
         usec = float(stats["cmdstat_evalsha"]["usec"])
         return usec / count, usec / changes, calls
-    finally:
-        await admin.aclose()
-        server.terminate()
-        server.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
