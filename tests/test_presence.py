@@ -256,6 +256,30 @@ async def test_a_graceful_stop_leaves_at_once_and_redis_keeps_nothing(
     assert await presence_keys(redis) == []
 
 
+async def test_presence_comes_back_after_redis_lost_its_data(
+    redis: RedisServer, http: httpx.AsyncClient
+) -> None:
+    """FLUSHALL (a Redis restarted without persistence, an eviction): within a heartbeat the
+    instance is told the broker forgot it and sends its counts again; a listener hears the joins."""
+    a = Instance(redis_env(redis))
+    room = fresh("room")
+    async with running(a), AsyncExitStack() as stack:
+        watcher = await opened(stack, url(a, "watcher", [room], presence=True))
+        await opened(stack, url(a, "alice", [room]))
+        assert await event(watcher) == {"type": "join", "topic": room, "user": "alice"}
+        admin = aioredis.Redis(port=redis.port)
+        try:
+            await admin.flushall()
+        finally:
+            await admin.aclose()
+        assert await listed(http, a, room) == {}
+        took = await eventually(
+            lambda: _listed_is(http, a, room, {"alice": 1, "watcher": 1}), "presence rebuilt", 10
+        )
+        assert took < 10
+        assert await event(watcher) == {"type": "join", "topic": room, "user": "alice"}
+
+
 async def test_a_client_churning_topics_with_presence_leaves_nothing_behind(
     redis: RedisServer, http: httpx.AsyncClient
 ) -> None:
