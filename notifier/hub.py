@@ -15,7 +15,7 @@ from typing import Protocol
 
 from notifier.auth import Principal
 from notifier.errors import CloseCode
-from notifier.protocol import Notification
+from notifier.protocol import BROADCAST, Notification
 
 _session_ids = itertools.count(1)
 
@@ -254,6 +254,12 @@ class Hub:
             if not subscribers:
                 del self._topics[topic]
         return self.count(topic) == 0
+
+    def listen(self, conn: Connection, topics: list[str]) -> None:
+        """Send ``conn`` the join and leave events of ``topics`` (those it holds, not broadcast)."""
+        for topic in topics:
+            if topic != BROADCAST and topic in conn.topics:
+                self.listeners.setdefault(topic, set()).add(conn)
 
     def unlisten(self, conn: Connection, topic: str) -> None:
         """No more join and leave events of ``topic`` for ``conn``."""

@@ -21,7 +21,6 @@ from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
 from notifier.presence import PresenceTracker
 from notifier.protocol import (
-    BROADCAST,
     Accepted,
     Notification,
     Positions,
@@ -198,12 +197,6 @@ class Node:
                     ws_wire = ws_wire or ws_text_frame(text.encode())
                     conn.push(text, size, 0, ws_wire)
 
-    def listen(self, conn: Connection, topics: list[str]) -> None:
-        """Send ``conn`` the join and leave events of ``topics`` (those it holds, not broadcast)."""
-        for topic in topics:
-            if topic != BROADCAST and topic in conn.topics:
-                self.hub.listeners.setdefault(topic, set()).add(conn)
-
     async def presence_of(self, topic: str) -> PresenceState:
         """Who is on ``topic`` across the deployment. BrokerUnavailable on failure."""
         return await self.presence.query(topic)
@@ -234,6 +227,13 @@ class Node:
         for topic in topics:
             if topic not in conn.topics:
                 await self.join(conn, topic, hold=False)
+
+    async def open(self, conn: Connection, topics: list[str], since: Since | None) -> Replay | None:
+        """Subscribe ``conn`` to ``topics``: live (``since`` None; no replay) or recovering."""
+        if since is None:
+            await self.subscribe(conn, topics)
+            return None
+        return await self.recover(conn, topics, since)
 
     async def recover(self, conn: Connection, topics: list[str], since: Since) -> Replay:
         """Subscribe ``conn`` to ``topics`` for a recovery: after ``since`` (one id: every topic)

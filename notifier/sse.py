@@ -33,6 +33,7 @@ from notifier.ws import (
     HandshakeSlot,
     admit,
     authorize,
+    count_refusal,
     header,
     join,
 )
@@ -68,12 +69,10 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
         conn.sse = True
         try:
             try:
-                hello, replay = await join(node, conn, topics, since)
+                hello, replay = await join(node, conn, topics, since, presence)
             except BrokerUnavailable as exc:
                 await _deny(services, send, Handshake(503, f"broker unavailable: {exc}"))
                 return
-            if presence:
-                node.listen(conn, topics)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             services.metrics.handshakes.labels("accepted").inc()
             sink = scope.get("extensions", {}).get(SINK_EXTENSION)  # notifier.http_edge's
@@ -90,8 +89,7 @@ async def sse_endpoint(services: Services, scope: Scope, receive: Receive, send:
 
 
 async def _deny(services: Services, send: Send, refusal: Handshake) -> None:
-    services.metrics.rejected_handshakes.labels(str(refusal.status)).inc()
-    services.metrics.handshakes.labels(refusal.outcome).inc()
+    count_refusal(services, refusal)
     body = dumps({"detail": refusal.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})

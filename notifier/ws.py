@@ -80,12 +80,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         try:
             # Subscribe before accepting, so `hello` is only sent once every topic is active.
             try:
-                hello, replay = await join(node, conn, topics, since)
+                hello, replay = await join(node, conn, topics, since, presence)
             except BrokerUnavailable as exc:
                 await _deny(services, websocket, Handshake(503, f"broker unavailable: {exc}"))
                 return
-            if presence:
-                node.listen(conn, topics)
             await websocket.accept()
             services.metrics.handshakes.labels("accepted").inc()
             sink = websocket.scope.get("extensions", {}).get(SINK_EXTENSION)
@@ -124,19 +122,19 @@ class HandshakeSlot:
 
 
 async def join(
-    node: Node, conn: Connection, topics: list[str], since: Since | None
+    node: Node, conn: Connection, topics: list[str], since: Since | None, presence: bool
 ) -> tuple[dict[str, Any], Replay | None]:
     """Subscribe a connection being opened (WebSocket or event stream) to its automatic topics
-    and ``topics``, live or recovering after ``since``: its ``hello`` frame (``topics`` still to
-    be filled in) and the replay to run once it is sent. Raises :class:`BrokerUnavailable`."""
+    and ``topics``, live or recovering after ``since``, with the presence events of ``topics``
+    when asked: its ``hello`` frame (``topics`` still to be filled in) and the replay to run once
+    it is sent. Raises :class:`BrokerUnavailable`."""
     principal = conn.principal
-    topics = list(dict.fromkeys(principal.auto_topics() + topics))
     hello: dict[str, Any] = {"type": "hello", "session": conn.session, "user": principal.sub}
-    if since is None:
-        await node.subscribe(conn, topics)
-        return hello, None
-    replay = await node.recover(conn, topics, since)
-    hello["recovered"] = replay.recovered
+    replay = await node.open(conn, list(dict.fromkeys(principal.auto_topics() + topics)), since)
+    if replay is not None:
+        hello["recovered"] = replay.recovered
+    if presence:
+        node.hub.listen(conn, topics)
     return hello, replay
 
 
@@ -200,9 +198,14 @@ def admit(services: Services, principal: Principal) -> Connection:
     return conn
 
 
-async def _deny(services: Services, websocket: WebSocket, refusal: Handshake) -> None:
+def count_refusal(services: Services, refusal: Handshake) -> None:
+    """A refused handshake (WebSocket or event stream), in the metrics."""
     services.metrics.rejected_handshakes.labels(str(refusal.status)).inc()
     services.metrics.handshakes.labels(refusal.outcome).inc()
+
+
+async def _deny(services: Services, websocket: WebSocket, refusal: Handshake) -> None:
+    count_refusal(services, refusal)
     response = JSONResponse({"detail": refusal.detail}, status_code=refusal.status)
     try:
         await websocket.send_denial_response(response)
@@ -420,22 +423,20 @@ class Session:
         if not isinstance(presence, bool):
             raise BadFrame("'presence' must be true or false")
         reply: dict[str, Any] = {"type": "subscribed", "topics": topics}
-        if since is None:
-            await self.node.subscribe(self.conn, topics)
-            if presence:
-                self.node.listen(self.conn, topics)
-            self._reply(frame, reply)
-            return
         running, hub = self.replay, self.node.hub
-        if running is not None and any(hub.held(self.conn, t) is not None for t in topics):
+        if since is not None and running is not None and any(
+            hub.held(self.conn, t) is not None for t in topics
+        ):
             # One recovery of a topic at a time: the new one starts once this one is live.
             await asyncio.gather(running, return_exceptions=True)
-        replay = await self.node.recover(self.conn, topics, since)
+        replay = await self.node.open(self.conn, topics, since)
         if presence:
-            self.node.listen(self.conn, topics)
-        reply["recovered"] = replay.recovered
+            hub.listen(self.conn, topics)
+        if replay is not None:
+            reply["recovered"] = replay.recovered
         self._reply(frame, reply)
-        self._start_replay(replay)
+        if replay is not None:
+            self._start_replay(replay)
 
     async def _unsubscribe(self, frame: ClientFrame) -> None:
         topics = topic_list(frame.body.get("topics"))
