@@ -80,7 +80,7 @@ async def topic_presence(
     except Forbidden as exc:
         raise HTTPException(403, str(exc)) from None
     try:
-        state = await services.node.presence_of(topic)
+        state = await services.node.presence.query(topic)
     except BrokerUnavailable as exc:
         raise HTTPException(503, f"broker unavailable: {exc}") from None
     users = [{"user": user, "connections": count} for user, count in state.users]

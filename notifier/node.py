@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from notifier.auth import Principal
-from notifier.broker import CONTROL_TOPIC, Broker, History, PartlyPublished, PresenceState, Rejections
+from notifier.broker import CONTROL_TOPIC, Broker, History, PartlyPublished, Rejections
 from notifier.errors import BrokerUnavailable, CloseCode
 from notifier.hub import Connection, Hub
 from notifier.metrics import Metrics
@@ -196,10 +196,6 @@ class Node:
                 else:
                     ws_wire = ws_wire or ws_text_frame(text.encode())
                     conn.push(text, size, 0, ws_wire)
-
-    async def presence_of(self, topic: str) -> PresenceState:
-        """Who is on ``topic`` across the deployment. BrokerUnavailable on failure."""
-        return await self.presence.query(topic)
 
     # -- connections ------------------------------------------------------------------------
 

@@ -81,6 +81,8 @@ class PresenceTracker:
             self._kick()
 
     async def query(self, topic: str) -> PresenceState:
+        """Who is on ``topic`` across the deployment (the first MAX_LISTED users). BrokerUnavailable
+        on failure."""
         return await self.broker.presence(topic, MAX_LISTED)
 
     def start(self) -> None:
