@@ -133,3 +133,39 @@ async def test_close_sends_what_is_pending_and_says_goodbye() -> None:
     tracker.remove("room", "alice")
     await tracker.close(2)
     assert said == [[[("room", "alice", 0)]]]
+
+
+async def test_a_listener_that_never_takes_its_events_is_closed_at_its_bound_and_others_go_on() -> None:
+    """Never reading: join/leave frames count against the connection's send-queue bound like any
+    frame. A listener whose queue is never drained is closed with 1013 once 2 KiB wait, holding no
+    more than that; another listener on the same topic keeps getting every event."""
+    from notifier.auth import Principal
+    from notifier.errors import CloseCode
+    from notifier.hub import Connection
+    from notifier.metrics import Metrics
+    from notifier.node import Node
+
+    broker = MemoryBroker()
+    node = Node(broker, Metrics())
+    await broker.start(node._deliver, lambda c: None, lambda lost: None)
+    stuck = Connection(Principal("stuck", frozenset({"subscribe"}), None, 2**31), 2048, lambda n: None)
+    reader = Connection(Principal("reader", frozenset({"subscribe"}), None, 2**31), 2048, lambda n: None)
+    got: list[str] = []
+
+    def drain() -> None:  # what a socket's writer does, at once
+        for text, size, _ts, _wire in reader.take():
+            got.append(text)
+            reader.pending -= size
+
+    reader.on_ready = drain
+    for conn in (stuck, reader):
+        node.attach(conn)
+        await node.subscribe(conn, ["room"])
+        node.hub.listen(conn, ["room"])
+    held = 0
+    for start in range(0, 400, 50):
+        await broker.presence_update([("room", f"user{i}", 1) for i in range(start, start + 50)])
+        held = max(held, stuck.pending)
+    assert stuck.close_code == CloseCode.TRY_AGAIN_LATER
+    assert held <= 2048 + 100 and stuck.queue == []
+    assert len(got) == 400 and all('"type":"join"' in text for text in got)
